@@ -1,0 +1,23 @@
+"""Write the tiny seeded SDXL pipeline (the project's default teacher) to a folder and print the folder.
+
+Usage: python scripts/make_tiny_pipeline.py [--out DIR] [--seed N] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from distill.tiny import build_tiny_pipeline, default_tiny_pipeline_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(default_tiny_pipeline_dir()), help="pipeline folder to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild even if the folder is complete")
+    args = parser.parse_args(argv)
+    print(build_tiny_pipeline(args.out, seed=args.seed, overwrite=args.overwrite))
+
+
+if __name__ == "__main__":
+    main()
