@@ -1,0 +1,132 @@
+"""The distillation step: a batch in, a dict of loss tensors out.
+
+The trainer, the benchmarks and the tests all call `Distiller.__call__`; there is no second copy of the step.
+Mixed precision for the student is the caller's business (the trainer wraps the call in `accelerator.autocast()`);
+the frozen teacher runs in its own dtype without gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distill.conditioning import add_time_ids, encode_images, encode_prompts
+from distill.features import FeaturePair, FeatureTap, tap_pair
+from distill.losses import koala_loss
+from distill.teachers import TeacherBundle, sample_timesteps, task_target
+
+
+@dataclass
+class UNetInputs:
+    """Conditioning of one batch: scaled latents z0 [B,4,h,w], prompt embeds [B,77,D], pooled [B,P], ids [B,6]."""
+
+    latents: Tensor
+    prompt_embeds: Tensor
+    pooled: Tensor
+    time_ids: Tensor
+
+
+def prepare_inputs(
+    batch: dict[str, Any], teacher: TeacherBundle, *, device: torch.device, generator: torch.Generator,
+    caption_dropout: float = 0.0,
+) -> UNetInputs:
+    """Turn a raw (pixels + captions) or precomputed (latents + embeddings) batch into U-Net conditioning.
+
+    Caption dropout replaces a raw caption with "" (SDXL's unconditional prompt); for precomputed embeddings,
+    where the text encoders are not loaded, the dropped rows are zeroed instead.
+    """
+    n = len(batch["captions"])
+    drop = torch.rand(n, generator=generator, device=generator.device) < caption_dropout
+    drop = drop.to(device)
+    if "latents" in batch:
+        latents = batch["latents"].to(device, torch.float32)
+        prompt = batch["prompt_embeds"].to(device, torch.float32)
+        pooled = batch["pooled_prompt_embeds"].to(device, torch.float32)
+        if caption_dropout > 0:
+            keep = (~drop).float()
+            prompt = prompt * keep[:, None, None]
+            pooled = pooled * keep[:, None]
+    else:
+        if teacher.vae is None or not teacher.text_encoders:
+            raise ValueError("a raw batch needs the teacher's VAE and text encoders (data.kind=raw loads them)")
+        latents = encode_images(teacher.vae, batch["pixel_values"].to(device)).float()
+        captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist(), strict=True)]
+        prompt, pooled = encode_prompts(teacher.tokenizers, teacher.text_encoders, captions)
+        prompt, pooled = prompt.float(), pooled.float()
+    ids = add_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(device)
+    return UNetInputs(latents, prompt, pooled, ids.float())
+
+
+class Distiller:
+    """Teacher + student + feature taps + objective. Call it on a batch to get the loss dict.
+
+    `student` is the module to call (it may be DDP/DeepSpeed-wrapped or compiled); `student_unwrapped` is the
+    plain module whose submodules are hooked. Hooks are attached at construction; `close()` removes them.
+    """
+
+    def __init__(
+        self,
+        teacher: TeacherBundle,
+        student: torch.nn.Module,
+        pairs: Sequence[FeaturePair],
+        tcfg: Any,
+        dcfg: Any,
+        *,
+        student_unwrapped: torch.nn.Module | None = None,
+    ) -> None:
+        self.teacher = teacher
+        self.student = student
+        self.pairs = list(pairs)
+        self.tcfg = tcfg
+        self.dcfg = dcfg
+        self.tap_t, self.tap_s = tap_pair(teacher.unet, student_unwrapped or student, self.pairs)
+
+    @property
+    def taps(self) -> tuple[FeatureTap, FeatureTap]:
+        return self.tap_t, self.tap_s
+
+    def close(self) -> None:
+        """Remove the feature hooks from both models."""
+        self.tap_t.remove()
+        self.tap_s.remove()
+
+    def __call__(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
+        """One forward of teacher and student on a batch; returns koala_loss's dict (see distill.losses)."""
+        device = self.teacher.unet.device
+        inputs = prepare_inputs(batch, self.teacher, device=device, generator=generator,
+                                caption_dropout=self.dcfg.caption_dropout)
+        return self.forward(inputs, generator)
+
+    def forward(self, x: UNetInputs, generator: torch.Generator) -> dict[str, Tensor]:
+        """The step on prepared conditioning (benchmarks call this with synthetic inputs)."""
+        sched = self.teacher.noise_scheduler
+        bsz = x.latents.shape[0]
+        device = x.latents.device
+        timesteps = sample_timesteps(self.tcfg, bsz, device=generator.device, generator=generator).to(device)
+        noise = torch.randn(x.latents.shape, generator=generator, device=generator.device).to(device)
+        noisy = sched.add_noise(x.latents, noise, timesteps)
+        target = task_target(sched, x.latents, noise, timesteps)
+
+        t_dtype = self.teacher.unet.dtype
+        self.tap_t.clear()
+        with torch.no_grad():
+            teacher_out = self.teacher.unet(
+                noisy.to(t_dtype), timesteps, encoder_hidden_states=x.prompt_embeds.to(t_dtype),
+                added_cond_kwargs={"text_embeds": x.pooled.to(t_dtype), "time_ids": x.time_ids.to(t_dtype)},
+            ).sample
+        self.tap_s.clear()
+        student_out = self.student(
+            noisy, timesteps, encoder_hidden_states=x.prompt_embeds,
+            added_cond_kwargs={"text_embeds": x.pooled, "time_ids": x.time_ids},
+        ).sample
+        losses = koala_loss(
+            student_out, teacher_out, target, self.tap_s.features, self.tap_t.features,
+            w_task=self.dcfg.w_task, w_out=self.dcfg.w_out, w_feat=self.dcfg.w_feat,
+        )
+        self.tap_t.clear()
+        self.tap_s.clear()
+        return losses

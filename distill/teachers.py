@@ -1,0 +1,162 @@
+"""Teachers: loading SDXL-family pipelines from local disk, timestep sampling, prediction targets, export scheduler.
+
+Three real families (SDXL-Base, SDXL-Turbo, SDXL-Lightning) and `tiny`, the project's own seeded tiny pipeline.
+Only local folders and files are read; nothing reaches for a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from torch import Tensor
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be loaded, in one line naming the config key."""
+
+
+def teacher_pipeline_dir(tcfg: Any) -> Path:
+    """The teacher's pipeline folder: teacher.path, or the tiny pipeline built on first use."""
+    if tcfg.path:
+        path = Path(tcfg.path)
+        if not path.is_dir():
+            raise TeacherError(f"teacher.path={path} does not exist (a local diffusers SDXL pipeline folder)")
+        return path
+    if tcfg.name != "tiny":
+        raise TeacherError(f"teacher.path is not set: point it at a local {tcfg.name} diffusers folder")
+    from distill.tiny import build_tiny_pipeline, default_tiny_pipeline_dir
+
+    return build_tiny_pipeline(default_tiny_pipeline_dir())
+
+
+def teacher_unet_config(tcfg: Any) -> dict[str, Any]:
+    """The teacher U-Net's config without loading weights: the folder's, else the shipped one named in config."""
+    if tcfg.path and (Path(tcfg.path) / "unet" / "config.json").is_file():
+        raw = json.loads((Path(tcfg.path) / "unet" / "config.json").read_text())
+        return {k: v for k, v in raw.items() if not k.startswith("_")}
+    if tcfg.unet_config == "tiny":
+        from distill.tiny import tiny_unet_config
+
+        return tiny_unet_config()
+    from distill.students import sdxl_base_unet_config
+
+    return sdxl_base_unet_config()
+
+
+@dataclass
+class TeacherBundle:
+    """The frozen parts of a teacher pipeline. vae / text encoders are None when latents are precomputed."""
+
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    path: Path
+    vae: AutoencoderKL | None = None
+    tokenizers: list[Any] = field(default_factory=list)
+    text_encoders: list[torch.nn.Module] = field(default_factory=list)
+
+
+def _frozen(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_teacher_unet(
+    tcfg: Any, path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> UNet2DConditionModel:
+    """The teacher U-Net from path/unet, or from teacher.unet_file (a single safetensors state dict) if set,
+    in `dtype` (default teacher.dtype)."""
+    dtype = dtype or DTYPES[tcfg.dtype]
+    if tcfg.unet_file:
+        from safetensors.torch import load_file
+
+        config = UNet2DConditionModel.load_config(str(path), subfolder="unet")
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+        state = load_file(str(tcfg.unet_file), device=str(device))
+        missing, unexpected = unet.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise TeacherError(
+                f"teacher.unet_file={tcfg.unet_file} does not fit {path}/unet: {len(missing)} missing, "
+                f"{len(unexpected)} unexpected tensors (first: {(missing or unexpected)[0]})"
+            )
+    else:
+        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype)
+    return _frozen(unet, device, dtype)
+
+
+def load_teacher(
+    tcfg: Any, *, device: torch.device | str = "cpu", with_vae: bool = True, with_text: bool = True,
+    vae_dtype: torch.dtype = torch.float32, text_dtype: torch.dtype | None = None,
+    unet_dtype: torch.dtype | None = None,
+) -> TeacherBundle:
+    """Load the frozen teacher: U-Net (in teacher.dtype), noise scheduler and, on request, VAE and text encoders.
+
+    The VAE defaults to fp32 because SDXL's original VAE overflows in fp16 (use teacher.vae_path for the
+    fp16-fix VAE). `unet_dtype` overrides teacher.dtype for the U-Net (the trainer loads it in fp32, initialises
+    the student from those weights, then casts the teacher down).
+    """
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = teacher_pipeline_dir(tcfg)
+    unet = load_teacher_unet(tcfg, path, device, dtype=unet_dtype)
+    sched_cfg = DDPMScheduler.load_config(str(path), subfolder="scheduler")
+    noise_scheduler = DDPMScheduler.from_config(
+        sched_cfg, num_train_timesteps=tcfg.num_train_timesteps, prediction_type=tcfg.prediction_type
+    )
+    bundle = TeacherBundle(unet=unet, noise_scheduler=noise_scheduler, path=path)
+    if with_vae:
+        vae = (AutoencoderKL.from_pretrained(str(tcfg.vae_path)) if tcfg.vae_path
+               else AutoencoderKL.from_pretrained(str(path), subfolder="vae"))
+        bundle.vae = _frozen(vae, device, vae_dtype)
+    if with_text:
+        tdtype = text_dtype or DTYPES[tcfg.dtype]
+        bundle.tokenizers = [CLIPTokenizer.from_pretrained(str(path), subfolder=sub)
+                             for sub in ("tokenizer", "tokenizer_2")]
+        bundle.text_encoders = [
+            _frozen(CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder"), device, tdtype),
+            _frozen(CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder_2"), device, tdtype),
+        ]
+    return bundle
+
+
+def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """The few-step "trailing" grid, e.g. 1000 steps, 4 -> [999, 749, 499, 249] (SDXL-Lightning/Turbo)."""
+    stride = num_train_timesteps / steps
+    return [int(math.floor(num_train_timesteps - i * stride)) - 1 for i in range(steps)]
+
+
+def sample_timesteps(tcfg: Any, batch: int, *, device: torch.device | str, generator: torch.Generator) -> Tensor:
+    """Training timesteps [B] (long): uniform over all training steps (the paper) or from the trailing grid."""
+    if tcfg.timesteps == "uniform":
+        return torch.randint(0, tcfg.num_train_timesteps, (batch,), device=device, generator=generator)
+    grid = torch.tensor(trailing_timesteps(tcfg.num_train_timesteps, tcfg.trailing_steps), device=device)
+    return grid[torch.randint(0, len(grid), (batch,), device=device, generator=generator)]
+
+
+def task_target(scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """What the U-Net should predict for the denoising loss, by the scheduler's prediction type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise TeacherError(f"teacher.prediction_type={kind!r} is not supported")
+
+
+def export_scheduler(tcfg: Any, path: Path) -> EulerDiscreteScheduler:
+    """The scheduler written into an exported student pipeline: the teacher's config with its sampler settings."""
+    if tcfg.sampler.scheduler != "euler":
+        raise TeacherError(f"teacher.sampler.scheduler={tcfg.sampler.scheduler!r} is not supported (euler)")
+    cfg = EulerDiscreteScheduler.load_config(str(path), subfolder="scheduler")
+    return EulerDiscreteScheduler.from_config(
+        cfg, timestep_spacing=tcfg.sampler.timestep_spacing, prediction_type=tcfg.prediction_type
+    )

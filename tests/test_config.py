@@ -1,0 +1,104 @@
+"""The Hydra config tree: every experiment composes; bad keys, types and values fail with one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.config import CONF_DIR, ConfigError, load_config, validate
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def test_all_experiments_listed():
+    assert set(EXPERIMENTS) >= {"koala_1b", "koala_700m", "koala_turbo_1b", "koala_turbo_700m",
+                                "koala_lightning_1b", "koala_lightning_700m", "demo"}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes(name):
+    cfg = load_config([f"+experiment={name}"])
+    assert cfg.train.output_dir == f"runs/{name}"
+    if name != "demo":  # the paper's recipe
+        assert cfg.train.lr == 1e-5 and cfg.train.lr_schedule == "constant"
+        assert cfg.train.global_batch_size == 128 and cfg.train.optimizer == "adamw"
+        assert cfg.teacher.resolution == (512 if "turbo" in name else 1024)
+        assert cfg.student.name == ("koala_700m" if name.endswith("700m") else "koala_1b")
+        assert cfg.teacher.name == {"turbo": "sdxl_turbo", "lightning": "sdxl_lightning"}.get(
+            name.split("_")[1], "sdxl_base")
+
+
+def test_lightning_sampler_settings():
+    cfg = load_config(["+experiment=koala_lightning_1b"])
+    s = cfg.teacher.sampler
+    assert (s.scheduler, s.timestep_spacing, s.steps, s.guidance_scale) == ("euler", "trailing", 10, 3.5)
+    assert cfg.distill.feature_types == ["sa"] and cfg.distill.layer_map == "bottom"
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["train.max_stepz=3"], "train.max_stepz"),
+    (["teacher.pathh=/x"], "teacher.pathh"),
+    (["train.max_steps=abc"], "train.max_steps"),
+    (["distill.w_feat=heavy"], "distill.w_feat"),
+    (["student=koala_2b"], "student/koala_2b"),
+])
+def test_bad_override_is_one_line_naming_the_key(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(override)
+    msg = str(info.value)
+    assert needle in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["+experiment=koala_1b"], "teacher.path is not set"),
+    (["+experiment=koala_lightning_1b", "teacher.path=/nonexistent"], "teacher.path=/nonexistent"),
+    (["+experiment=koala_lightning_1b", f"teacher.path={CONF_DIR}"], "teacher.unet_file is not set"),
+    (["+experiment=koala_1b", f"teacher.path={CONF_DIR}"], "data.shards is not set"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10"),
+    (["teacher.timesteps=random"], "teacher.timesteps"),
+    (["data.shards='/nonexistent/{0..3}.tar'"], "data.shards"),
+    (["student=custom", "student.layers_per_block=[1,1,1]", "student.transformer_layers_per_block=[1,2,9]",
+      "student.mid_block=true"], "transformer depth 9"),
+])
+def test_semantic_errors_before_any_model(override, needle):
+    cfg = load_config(override)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_batch_divisibility_depends_on_processes():
+    cfg = load_config(["train.global_batch_size=8", "train.micro_batch_size=2", "data.shards=" + str(CONF_DIR)])
+    validate(cfg, world_size=2)
+    with pytest.raises(ConfigError, match="3 x 2"):
+        validate(cfg, world_size=3)
+
+
+def test_main_prints_one_error_line_and_exits_2():
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "train" / "main.py"), "train.max_stepz=3"],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("config error:") and "train.max_stepz" in lines[0]
+
+
+def test_inspect_student_json():
+    root = Path(__file__).resolve().parent.parent
+    out = {}
+    for student in ("koala_1b", "koala_700m"):
+        proc = subprocess.run([sys.executable, str(root / "scripts" / "inspect_student.py"),
+                               f"student={student}", "teacher=sdxl_base"],
+                              capture_output=True, text=True, timeout=120, cwd=root)
+        assert proc.returncode == 0, proc.stderr
+        import json
+
+        out[student] = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert "DW-3" in proc.stdout and "UP-1" in proc.stdout
+    assert out["koala_1b"]["teacher_params"] == 2_567_463_684
+    assert out["koala_1b"]["student_params"] == 1_161_184_324
+    assert out["koala_700m"]["student_params"] == 782_822_724
+    assert out["koala_700m"]["ratio"] == round(782_822_724 / 2_567_463_684, 4)

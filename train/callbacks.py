@@ -1,0 +1,148 @@
+"""Side features of a run as small callbacks on named events: progress bar, scalar logging, EMA, sample grids.
+
+Events, in order: on_start(run) once; per optimizer step on_update(run) after a parameter update (skipped
+updates do not fire it) and on_step_end(run, losses) with the step's detached loss sums; on_end(run) once.
+Only the main process logs, draws and writes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from train.loop import Run
+
+
+class Callback:
+    """Base class: every event is a no-op."""
+
+    def on_start(self, run: Run) -> None: ...
+
+    def on_update(self, run: Run) -> None: ...
+
+    def on_step_end(self, run: Run, losses: dict[str, Tensor]) -> None: ...
+
+    def on_end(self, run: Run) -> None: ...
+
+
+class EMA(Callback):
+    """Exponential moving average of the student (diffusers' EMAModel), updated after each applied update."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        from diffusers.training_utils import EMAModel
+
+        self.model = EMAModel(model.parameters(), decay=decay, model_cls=type(model), model_config=model.config)
+        self._params = [p for p in model.parameters()]
+
+    def on_update(self, run: Run) -> None:
+        self.model.step(self._params)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        """Write the averaged weights into `module`."""
+        self.model.copy_to(module.parameters())
+
+
+class ScalarLogger(Callback):
+    """Every `log_every` steps: the mean of each loss term over the window and all processes, LR, grad norm,
+    img/s, peak memory and the data stream's skip counts, to the tracker and the progress bar.
+
+    Loss sums stay on the device between log steps, so the step itself never waits for the host.
+    """
+
+    def __init__(self, log_every: int, show_progress: bool = True) -> None:
+        self.log_every = max(1, log_every)
+        self.show_progress = show_progress
+        self.bar = None
+        self._sums: dict[str, Tensor] = {}
+        self._count = 0
+        self._t0 = 0.0
+        self._samples0 = 0
+        self.last: dict[str, float] = {}
+
+    def on_start(self, run: Run) -> None:
+        if run.accelerator.is_main_process and self.show_progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=run.cfg.train.max_steps, initial=run.state.step, desc="distill",
+                            unit="step", dynamic_ncols=True)
+        self._t0, self._samples0 = time.perf_counter(), run.state.samples_seen
+
+    def on_step_end(self, run: Run, losses: dict[str, Tensor]) -> None:
+        for k, v in losses.items():
+            self._sums[k] = self._sums.get(k, 0) + v
+        self._count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if run.state.step % self.log_every and run.state.step != run.cfg.train.max_steps:
+            return
+        names = sorted(self._sums)
+        stacked = torch.stack([self._sums[k] / self._count for k in names])
+        means = run.accelerator.reduce(stacked, reduction="mean").tolist()
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        logs = {f"loss/{k}": v for k, v in zip(names, means, strict=True)}
+        logs["lr"] = run.lr_scheduler.get_last_lr()[0]
+        if run.last_grad_norm is not None:
+            logs["grad_norm"] = float(run.last_grad_norm)
+        logs["img_per_s"] = (run.state.samples_seen - self._samples0) / elapsed
+        logs["samples_seen"] = run.state.samples_seen
+        logs["nonfinite_skipped"] = run.state.nonfinite_total
+        if torch.cuda.is_available():
+            logs["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        for reason, n in run.skip_counts().items():
+            logs[f"data/skipped_{reason}"] = n
+        run.accelerator.log(logs, step=run.state.step)
+        self.last = logs
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{logs['loss/total']:.4f}", kd=f"{logs['loss/kd']:.4f}",
+                                 img_s=f"{logs['img_per_s']:.1f}", refresh=False)
+        self._sums, self._count = {}, 0
+        self._t0, self._samples0 = time.perf_counter(), run.state.samples_seen
+
+    def on_end(self, run: Run) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class SampleGrid(Callback):
+    """Every `every` steps and at the end: teacher vs student images for fixed prompts and seeds, as one PNG
+    (rows: prompts; columns: teacher, student) under <run>/samples/ and logged to the tracker."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.last_path: Path | None = None
+
+    def on_step_end(self, run: Run, losses: dict[str, Tensor]) -> None:
+        if self.every > 0 and run.state.step % self.every == 0 and run.state.step < run.cfg.train.max_steps:
+            self.draw(run)
+
+    def on_end(self, run: Run) -> None:
+        self.draw(run)
+
+    def draw(self, run: Run) -> None:
+        if run.accelerator.is_main_process:
+            from distill.preview import teacher_student_grid
+
+            student = run.student_for_export()
+            grid = teacher_student_grid(
+                run.teacher_components(), student, list(run.cfg.train.sample_prompts),
+                seed=run.cfg.train.sample_seed, steps=run.cfg.teacher.sampler.steps,
+                guidance_scale=run.cfg.teacher.sampler.guidance_scale, resolution=run.cfg.teacher.resolution,
+                timestep_spacing=run.cfg.teacher.sampler.timestep_spacing,
+            )
+            path = run.output_dir / "samples" / f"step_{run.state.step:09d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+            self.last_path = path
+            run.log_image("samples/teacher_vs_student", path)
+        run.accelerator.wait_for_everyone()

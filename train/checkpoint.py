@@ -1,0 +1,93 @@
+"""Checkpoints: atomic, complete, the last k kept; `resume=latest` never picks a half-written one.
+
+A checkpoint folder `<run>/checkpoints/step_<N>/` holds Accelerate's state (student, optimizer, grad scaler,
+every rank's RNG states, and the registered stateful objects: train state, LR scheduler, EMA), the student (and
+EMA) in `save_pretrained` layout, one data-stream position file per rank, and `meta.json` (step, teacher, W&B run
+id, resolved config). It is written under `.tmp-step_<N>` and renamed when every rank has finished, so a kill
+during the write leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+CKPT_RE = re.compile(r"^step_(\d{9})$")
+META = "meta.json"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    """Where a run's checkpoints live."""
+    return Path(output_dir) / "checkpoints"
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint after `step` optimizer steps (zero-padded so names sort by step)."""
+    return f"step_{step:09d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run (renamed into place and holding meta.json), oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CKPT_RE.match(p.name) and (p / META).is_file()]
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name)[1]))  # type: ignore[index]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """train.resume -> a checkpoint folder: None stays None; `latest` may find none (a fresh start)."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not (path / META).is_file():
+        raise FileNotFoundError(f"train.resume={resume} is not a complete checkpoint (no {META})")
+    return path
+
+
+def temp_dir(output_dir: str | Path, step: int) -> Path:
+    """The folder a checkpoint is written into before it is renamed."""
+    return checkpoint_root(output_dir) / f".tmp-{checkpoint_name(step)}"
+
+
+def remove_stale_temps(output_dir: str | Path) -> None:
+    """Delete half-written checkpoints left by a killed run (main process only)."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for p in root.glob(".tmp-step_*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def finalize(output_dir: str | Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
+    """Write meta.json, rename the temporary folder into place and prune to the last `keep_last` (main only)."""
+    tmp = temp_dir(output_dir, step)
+    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    final = checkpoint_root(output_dir) / checkpoint_name(step)
+    if final.exists():  # a checkpoint of the same step (e.g. written again after a resume) is replaced
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if keep_last > 0:
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def data_state_file(ckpt: Path, rank: int) -> Path:
+    """The data-stream position of one rank inside a checkpoint."""
+    return ckpt / f"data_state_rank{rank}.json"
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json."""
+    return json.loads((ckpt / META).read_text())

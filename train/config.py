@@ -1,0 +1,221 @@
+"""The root config schema, its composition from conf/ with Hydra, and the checks made before any model loads.
+
+Every failure here is one line (`ConfigError`) naming the key, raised before anything heavy is imported or loaded.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from data.config import DataConfig
+from distill.config import DistillConfig, StudentConfig, TeacherConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, checkpointing and monitoring of one run."""
+
+    output_dir: str = "runs/default"  # run directory, pinned (every process must agree; no ${now:})
+    seed: int = 0  # base seed; each rank adds its index
+    max_steps: int = 500_000  # optimizer steps (the paper: 500K)
+    global_batch_size: int = 128  # images per optimizer step over all processes (the paper: 128)
+    micro_batch_size: int = 8  # images per process per forward; accumulation = global / (procs x micro)
+    lr: float = 1e-5  # AdamW learning rate (the paper: constant 1e-5)
+    lr_schedule: str = "constant"  # constant | cosine (after warmup, down to 0 at max_steps)
+    warmup_steps: int = 0  # linear warmup, in optimizer steps
+    optimizer: str = "adamw"  # adamw (torch) | adamw8bit (bitsandbytes, low-memory profile)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-2  # decoupled weight decay (torch AdamW's default)
+    fused_adam: bool = False  # torch's fused AdamW kernel (CUDA only; ignored on CPU)
+    max_grad_norm: float = 1.0  # gradient clipping by global norm; 0 disables
+    mixed_precision: str = "bf16"  # no | fp16 | bf16 (Accelerate autocast; master weights stay fp32)
+    gradient_checkpointing: bool = False  # recompute student activations in the backward pass
+    compile: bool = False  # torch.compile each transformer/resnet block forward (regional compilation)
+    channels_last: bool = False  # NHWC memory format for the conv layers
+    ema: bool = False  # keep an exponential moving average of the student
+    ema_decay: float = 0.9999  # EMA decay per optimizer step
+    checkpoint_every: int = 5000  # optimizer steps between checkpoints; 0 disables (a final one is still written)
+    keep_last: int = 3  # checkpoints kept on disk (older ones are deleted)
+    resume: str | None = None  # null | latest | path to a checkpoint folder
+    log_every: int = 10  # optimizer steps between logged scalars (host syncs happen only then)
+    sample_every: int = 5000  # optimizer steps between teacher-vs-student sample grids; 0 disables
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "a photograph of an astronaut riding a horse on the moon",
+        "a cup of coffee on a wooden table, morning light",
+        "a red sports car parked in front of a brick wall",
+        "a watercolor painting of a fox in a snowy forest",
+    ])
+    sample_seed: int = 0  # seed of the fixed sample noise
+    max_nonfinite: int = 10  # consecutive non-finite losses/gradients before the run stops
+    export: bool = True  # write a complete SDXL pipeline folder with the student at the end
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking through Accelerate's W&B tracker."""
+
+    wandb: bool = True  # log to W&B
+    mode: str = "auto"  # auto (online when an API key is configured, else offline) | online | offline | disabled
+    project: str = "koala-distill"
+    run_name: str | None = None  # defaults to the run directory's name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    """The whole run: teacher, student, objective, data, training and tracking."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+class ConfigError(ValueError):
+    """A bad config, in one line that names the key."""
+
+
+def _register_schema() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The most specific message in an exception chain, folded to one line, naming the full key when known."""
+    chain: list[BaseException] = [exc]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+    keyed = [e for e in chain if getattr(e, "full_key", None)]
+    inner = keyed[-1] if keyed else chain[-1]
+    text = str(inner).strip()
+    msg = text.splitlines()[0] if text else type(inner).__name__
+    key = getattr(inner, "full_key", None)
+    if key and key not in msg:
+        msg = f"{key}: {msg}"
+    outer = str(exc).strip().splitlines()[0]
+    if outer and outer != msg and outer.startswith("Could not override"):
+        return f"{outer} {msg}"
+    return msg
+
+
+def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose conf/<config_name>.yaml with Hydra overrides against the typed schema.
+
+    Raises ConfigError (one line naming the key) on an unknown key, a wrong type or a missing group option.
+    """
+    _register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=list(overrides or []))
+        OmegaConf.resolve(cfg)
+    except Exception as exc:  # Hydra and OmegaConf raise several types; all become one line
+        raise ConfigError(_one_line(exc)) from exc
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+_CHOICES = {
+    "teacher.name": ("sdxl_base", "sdxl_turbo", "sdxl_lightning", "tiny"),
+    "teacher.prediction_type": ("epsilon", "v_prediction", "sample"),
+    "teacher.timesteps": ("uniform", "trailing"),
+    "teacher.dtype": ("bf16", "fp16", "fp32"),
+    "teacher.unet_config": ("sdxl_base", "tiny"),
+    "distill.layer_map": ("bottom", "interleave", "up"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.optimizer": ("adamw", "adamw8bit"),
+    "tracking.mode": ("auto", "online", "offline", "disabled"),
+}
+
+
+def _shards_exist(spec: str) -> bool:
+    """Whether a shard spec names at least one shard (brace patterns and globs on local disk; pipe: trusted)."""
+    if spec.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
+        return True
+    from braceexpand import braceexpand
+
+    return any(
+        os.path.exists(p) or glob.glob(p) for part in spec.split("::") for p in braceexpand(part.strip())
+    )
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    """Semantic checks that need no model: choices, paths, shards, student vs teacher, batch arithmetic.
+
+    Raises ConfigError with one line naming the key.
+    """
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for ftype in cfg.distill.feature_types:
+        if ftype not in ("sa", "ca", "ffn", "res"):
+            raise ConfigError(f"distill.feature_types: {ftype!r} is not one of sa, ca, ffn, res")
+    for stage in cfg.distill.lf_stages:
+        if not re.fullmatch(r"(DW|UP)-\d+|Mid", stage):
+            raise ConfigError(f"distill.lf_stages: {stage!r} is not a stage name like DW-1, Mid or UP-3")
+    _check_student(cfg)
+    tr = cfg.train
+    per_step = world_size * tr.micro_batch_size
+    if tr.micro_batch_size < 1 or tr.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={tr.global_batch_size} is not divisible by processes x micro_batch_size "
+            f"= {world_size} x {tr.micro_batch_size}"
+        )
+    t = cfg.teacher
+    if t.name != "tiny":
+        if not t.path:
+            raise ConfigError(
+                f"teacher.path is not set: point it at a local {t.name} diffusers folder "
+                f"(e.g. teacher.path=/models/{t.name})"
+            )
+        if not Path(t.path).is_dir():
+            raise ConfigError(f"teacher.path={t.path} does not exist (a local diffusers SDXL pipeline folder)")
+    elif t.path and not Path(t.path).is_dir():
+        raise ConfigError(f"teacher.path={t.path} does not exist (leave it null to build the tiny pipeline)")
+    if t.unet_file and not Path(t.unet_file).is_file():
+        raise ConfigError(f"teacher.unet_file={t.unet_file} does not exist (a .safetensors U-Net file)")
+    if t.vae_path and not Path(t.vae_path).is_dir():
+        raise ConfigError(f"teacher.vae_path={t.vae_path} does not exist (a diffusers VAE folder)")
+    if t.name == "sdxl_lightning" and not t.unet_file:
+        raise ConfigError("teacher.unet_file is not set: point it at a local sdxl_lightning_4step_unet.safetensors")
+    shards = cfg.data.shards
+    if not shards:
+        raise ConfigError("data.shards is not set: a brace pattern, folder or pipe: command of webdataset shards")
+    if not _shards_exist(str(shards)):
+        raise ConfigError(f"data.shards={shards} matched no shard on disk")
+    if tr.resume not in (None, "latest") and not Path(tr.resume).is_dir():
+        raise ConfigError(f"train.resume={tr.resume} is neither 'latest' nor a checkpoint folder")
+
+
+def grad_accum_steps(cfg: DictConfig, world_size: int) -> int:
+    """Micro-batches accumulated per optimizer step so that the global batch holds for any process count."""
+    return cfg.train.global_batch_size // (world_size * cfg.train.micro_batch_size)
+
+
+def _check_student(cfg: DictConfig) -> None:
+    from distill.students import StudentSpecError, derive_student_config, resolve_spec
+    from distill.teachers import teacher_unet_config
+
+    s = cfg.student
+    try:
+        spec = resolve_spec(s.name, s.layers_per_block, s.transformer_layers_per_block, s.mid_block)
+        derive_student_config(teacher_unet_config(cfg.teacher), spec)
+    except StudentSpecError as exc:
+        raise ConfigError(f"student: {exc}") from exc

@@ -1,0 +1,435 @@
+"""The training run: set-up (`setup`) and the loop (`train`), with checkpoints, resume and pre-emption.
+
+Only the student goes through `accelerator.prepare`; the frozen teacher, the data loader and the LR scheduler
+stay outside it (the scheduler is stepped once per optimizer step by this loop, so its schedule does not depend
+on the number of processes). Randomness of a step (timesteps, noise, caption dropout) comes from a generator
+seeded by (seed, rank, step, micro-batch), so a resumed run draws exactly what the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from train import checkpoint as ckpt
+from train.callbacks import EMA, Callback, SampleGrid, ScalarLogger
+from train.config import grad_accum_steps
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint (identical on all ranks)."""
+
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0  # images consumed, all processes together
+    nonfinite_total: int = 0  # updates skipped for a non-finite loss or gradient
+    nonfinite_run: int = 0  # ... of which in a row, up to now
+    wandb_run_id: str | None = None
+    kd_first: list = field(default_factory=list)  # kd loss of the first 20 steps (main process; floats or
+    kd_last: list = field(default_factory=list)  # ... and of the last 20            device scalars until saved)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = asdict(self)
+        state["kd_first"] = [float(x) for x in self.kd_first]
+        state["kd_last"] = [float(x) for x in self.kd_last]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+class StopFlag:
+    """Set by SIGTERM, SIGUSR1 or SIGINT: finish the step, checkpoint, exit 0 (so a scheduler can requeue)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handler(self, signum: int, _frame: object) -> None:
+        self.signum = signum
+
+
+def lr_lambda(warmup_steps: int, max_steps: int, schedule: str):
+    """LR multiplier per optimizer step: linear warmup, then constant or cosine to zero at max_steps."""
+
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """A generator for one micro-batch, the same whether or not the run was interrupted before it."""
+    value = int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(value % (2**63))
+
+
+@dataclass
+class Run:
+    """Everything a loop, a callback or a test needs about a run in progress."""
+
+    cfg: DictConfig
+    accelerator: Any
+    teacher: Any  # distill.teachers.TeacherBundle
+    student: torch.nn.Module  # prepared (possibly wrapped) student
+    distiller: Any  # distill.step.Distiller
+    optimizer: Any
+    lr_scheduler: Any
+    loader: Any
+    state: TrainState
+    output_dir: Path
+    accum: int
+    callbacks: list[Callback]
+    ema: EMA | None = None
+    loader_iter: Any = None
+    last_grad_norm: float | None = None
+    stop: StopFlag = field(default_factory=StopFlag)
+    _components: dict[str, Any] | None = None
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.student)
+
+    def student_for_export(self) -> torch.nn.Module:
+        """The student as exported: the EMA weights when EMA is on, else the live weights (unwrapped)."""
+        if self.ema is None:
+            return self.unwrapped
+        import copy
+
+        shadow = copy.deepcopy(self.unwrapped)
+        self.ema.copy_to(shadow)
+        return shadow
+
+    def skip_counts(self) -> dict[str, int]:
+        counts = getattr(self.loader, "skip_counts", None)
+        return dict(counts()) if callable(counts) else {}
+
+    def teacher_components(self) -> dict[str, Any]:
+        """Teacher pipeline parts for previews; VAE and text encoders are loaded here if training did not need them."""
+        if self._components is None:
+            from diffusers import EulerDiscreteScheduler
+            from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+            t, path, dev = self.teacher, str(self.teacher.path), self.accelerator.device
+            vae = t.vae
+            if vae is None:
+                from diffusers import AutoencoderKL
+
+                vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(dev).eval()
+            encoders = t.text_encoders or [
+                CLIPTextModel.from_pretrained(path, subfolder="text_encoder").to(dev).eval(),
+                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2").to(dev).eval(),
+            ]
+            tokenizers = t.tokenizers or [CLIPTokenizer.from_pretrained(path, subfolder=s)
+                                          for s in ("tokenizer", "tokenizer_2")]
+            self._components = {
+                "unet": t.unet, "vae": vae, "text_encoder": encoders[0], "text_encoder_2": encoders[1],
+                "tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1],
+                "scheduler": EulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
+            }
+        return self._components
+
+    def log_image(self, key: str, path: Path) -> None:
+        """Log an image file to W&B when it is tracking (main process)."""
+        if self.cfg.tracking.wandb and self.accelerator.is_main_process:
+            import wandb
+
+            self.accelerator.log({key: wandb.Image(str(path))}, step=self.state.step)
+
+
+def _wandb_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    import os
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "online":
+        return "online"
+    netrc = Path.home() / ".netrc"
+    return "online" if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore") else "offline"
+
+
+def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_progress: bool = True) -> Run:
+    """Build the accelerator, teacher, student, optimizer, data stream and callbacks; resume if asked."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import ProjectConfiguration
+
+    from data.stream import build_loader
+    from distill.features import format_pairs, match_features
+    from distill.step import Distiller
+    from distill.students import (
+        build_unet,
+        derive_student_config,
+        format_stage_tables,
+        init_student_from_teacher,
+        resolve_spec,
+        summarize_mapping,
+    )
+    from distill.teachers import DTYPES, load_teacher
+
+    tr = cfg.train
+    output_dir = Path(tr.output_dir)
+    use_wandb = cfg.tracking.wandb and cfg.tracking.mode != "disabled"
+    accum = grad_accum_steps(cfg, PartialState().num_processes)
+    accelerator = Accelerator(
+        mixed_precision=tr.mixed_precision,
+        gradient_accumulation_steps=accum,
+        log_with="wandb" if use_wandb else None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), automatic_checkpoint_naming=False),
+    )
+    world = accelerator.num_processes
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if ds_plugin is not None:  # micro-batch, accumulation and clipping come from the Hydra config only
+        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tr.micro_batch_size
+        ds_plugin.deepspeed_config["gradient_accumulation_steps"] = accum
+        ds_plugin.deepspeed_config["gradient_clipping"] = tr.max_grad_norm
+    main = accelerator.is_main_process
+    say = accelerator.print
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        ckpt.remove_stale_temps(output_dir)
+    accelerator.wait_for_everyone()
+
+    device = accelerator.device
+    precomputed = cfg.data.kind == "latents"
+    teacher = load_teacher(cfg.teacher, device=device, with_vae=not precomputed, with_text=not precomputed,
+                           unet_dtype=torch.float32)
+    spec = resolve_spec(cfg.student.name, cfg.student.layers_per_block, cfg.student.transformer_layers_per_block,
+                        cfg.student.mid_block)
+    student = build_unet(derive_student_config(dict(teacher.unet.config), spec), device=device)
+    mapping = init_student_from_teacher(student, teacher.unet)  # from the fp32 teacher weights
+    teacher.unet.to(DTYPES[cfg.teacher.dtype])
+    student.train()
+    say(format_stage_tables(teacher.unet, student))
+    say("student initialised from the teacher:\n  " + "\n  ".join(summarize_mapping(mapping)))
+    if tr.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    if tr.channels_last:
+        student.to(memory_format=torch.channels_last)
+        teacher.unet.to(memory_format=torch.channels_last)
+    if tr.compile:
+        from distill.perf import compile_blocks
+
+        compile_blocks(teacher.unet)
+        compile_blocks(student)
+
+    optimizer = _optimizer(cfg, student, device)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(tr.warmup_steps, tr.max_steps, tr.lr_schedule))
+    state = TrainState()
+    ema = EMA(student, tr.ema_decay) if tr.ema else None
+    prepared, optimizer = accelerator.prepare(student, optimizer)
+    for obj in (state, lr_scheduler, *([ema] if ema else [])):
+        accelerator.register_for_checkpointing(obj)
+
+    pairs = match_features(teacher.unet, accelerator.unwrap_model(prepared), cfg.distill.feature_types,
+                           cfg.distill.lf_stages, cfg.distill.layer_map)
+    distiller = Distiller(teacher, prepared, pairs, cfg.teacher, cfg.distill,
+                          student_unwrapped=accelerator.unwrap_model(prepared))
+    say("feature KD pairs:\n" + format_pairs(pairs))
+
+    data_state = None
+    resume_from = ckpt.resolve_resume(tr.resume, output_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        data_file = ckpt.data_state_file(resume_from, accelerator.process_index)
+        data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
+        say(f"resumed from {resume_from} at step {state.step} ({state.samples_seen} samples seen)")
+    loader = build_loader(cfg.data, batch_size=tr.micro_batch_size, rank=accelerator.process_index,
+                          world_size=world, seed=tr.seed, state=data_state)
+
+    if use_wandb:
+        import wandb
+
+        state.wandb_run_id = state.wandb_run_id or wandb.util.generate_id()
+        accelerator.init_trackers(
+            cfg.tracking.project, config=OmegaConf.to_container(cfg, resolve=True),
+            init_kwargs={"wandb": {"id": state.wandb_run_id, "resume": "allow", "dir": str(output_dir),
+                                   "name": cfg.tracking.run_name or output_dir.name,
+                                   "mode": _wandb_mode(cfg.tracking.mode), "tags": list(cfg.tracking.tags)}},
+        )
+        if main:
+            table = wandb.Table(columns=["feature", "teacher", "student"],
+                                data=[[p.label, p.teacher, p.student] for p in pairs])
+            accelerator.log({"feature_pairs": table}, step=state.step)
+    if main:
+        (output_dir / "feature_pairs.txt").write_text(format_pairs(pairs) + "\n")
+    cbs: list[Callback] = [*([ema] if ema else []), ScalarLogger(tr.log_every, show_progress),
+                           SampleGrid(tr.sample_every)]
+    return Run(cfg=cfg, accelerator=accelerator, teacher=teacher, student=prepared, distiller=distiller,
+               optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader, state=state, output_dir=output_dir,
+               accum=accum, callbacks=cbs + list(callbacks or []), ema=ema)
+
+
+def _optimizer(cfg: DictConfig, student: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    tr = cfg.train
+    kwargs = dict(lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps, weight_decay=tr.weight_decay)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if tr.optimizer == "adamw8bit":
+        import bitsandbytes as bnb  # the low-memory profile's 8-bit AdamW
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=bool(tr.fused_adam and device.type == "cuda"), **kwargs)
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Write a complete checkpoint of the current step on every rank; the main process renames it into place."""
+    acc, step = run.accelerator, run.state.step
+    tmp = ckpt.temp_dir(run.output_dir, step)
+    acc.save_state(str(tmp))  # every rank calls this (DeepSpeed needs all of them)
+    ckpt.data_state_file(tmp, acc.process_index).write_text(json.dumps(run.loader.state_dict()))
+    if acc.is_main_process:
+        run.unwrapped.save_pretrained(tmp / "student")
+        if run.ema is not None:
+            run.student_for_export().save_pretrained(tmp / "student_ema")
+    acc.wait_for_everyone()
+    path = ckpt.checkpoint_root(run.output_dir) / ckpt.checkpoint_name(step)
+    if acc.is_main_process:
+        meta = {"step": step, "samples_seen": run.state.samples_seen, "teacher_name": run.cfg.teacher.name,
+                "teacher_path": str(run.teacher.path), "wandb_run_id": run.state.wandb_run_id,
+                "world_size": acc.num_processes, "config": OmegaConf.to_container(run.cfg, resolve=True)}
+        path = ckpt.finalize(run.output_dir, step, meta, run.cfg.train.keep_last)
+    acc.wait_for_everyone()
+    return path
+
+
+def _grad_norm(run: Run) -> torch.Tensor | None:
+    max_norm = run.cfg.train.max_grad_norm
+    params = [p for p in run.student.parameters() if p.grad is not None]
+    norm = run.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm
+
+
+def train_one_step(run: Run) -> dict[str, torch.Tensor]:
+    """One optimizer step over `accum` micro-batches; returns the detached loss sums (per micro-batch mean)."""
+    acc, st = run.accelerator, run.state
+    sums: dict[str, torch.Tensor] = {}
+    applied = False
+    for micro in range(run.accum):
+        batch = next(run.loader_iter)
+        gen = step_generator(run.cfg.train.seed, acc.process_index, st.step, micro, acc.device)
+        with acc.accumulate(run.student):
+            with acc.autocast():
+                losses = run.distiller(batch, gen)
+            acc.backward(losses["total"])
+            if acc.sync_gradients:
+                norm = _grad_norm(run)
+                # The norm is of the all-reduced gradient, so every rank takes the same decision.
+                finite = norm is None or bool(torch.isfinite(norm))
+                if finite:
+                    run.optimizer.step()
+                    applied = True
+                run.optimizer.zero_grad(set_to_none=True)
+                run.last_grad_norm = None if norm is None else float(norm)
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0) + v.detach() / run.accum
+    if applied and not run.optimizer.step_was_skipped:
+        st.nonfinite_run = 0
+        for cb in run.callbacks:
+            cb.on_update(run)
+    elif not applied:
+        st.nonfinite_total += 1
+        st.nonfinite_run += 1
+    run.lr_scheduler.step()
+    st.step += 1
+    st.samples_seen += run.cfg.train.global_batch_size
+    return sums
+
+
+def train(run: Run) -> dict[str, Any]:
+    """The loop: steps until max_steps or a stop signal; checkpoints; ends with the export and a summary."""
+    cfg, acc, st = run.cfg, run.accelerator, run.state
+    run.loader_iter = iter(run.loader)
+    run.stop.install()
+    for cb in run.callbacks:
+        cb.on_start(run)
+    t0, preempted = time.perf_counter(), False
+    try:
+        while st.step < cfg.train.max_steps:
+            sums = train_one_step(run)
+            _track_kd(run, sums["kd"])
+            if st.nonfinite_run >= cfg.train.max_nonfinite:
+                raise NonFiniteError(
+                    f"{st.nonfinite_run} consecutive non-finite losses/gradients at step {st.step}; "
+                    f"the last good checkpoint is intact (train.max_nonfinite={cfg.train.max_nonfinite})")
+            for cb in run.callbacks:
+                cb.on_step_end(run, sums)
+            every = cfg.train.checkpoint_every
+            stop = _should_stop(run)
+            if (every and st.step % every == 0) or stop or st.step == cfg.train.max_steps:
+                save_checkpoint(run)
+            if stop:
+                preempted = True
+                acc.print(f"stop signal received: checkpoint written at step {st.step}, exiting")
+                break
+    finally:
+        run.stop.uninstall()
+    summary: dict[str, Any] = {"steps": st.step, "preempted": preempted,
+                               "seconds": round(time.perf_counter() - t0, 1)}
+    if not preempted:
+        for cb in run.callbacks:
+            cb.on_end(run)
+        if cfg.train.export and acc.is_main_process:
+            from train.export import export_pipeline
+
+            summary["export_dir"] = str(export_pipeline(run.teacher.path, cfg.teacher, run.student_for_export(),
+                                                        run.output_dir / "export"))
+        grid = next((cb.last_path for cb in run.callbacks if isinstance(cb, SampleGrid)), None)
+        summary["samples"] = str(grid) if grid else None
+    summary["kd_loss_first"] = float(np.mean([float(x) for x in st.kd_first])) if st.kd_first else None
+    summary["kd_loss_last"] = float(np.mean([float(x) for x in st.kd_last])) if st.kd_last else None
+    acc.wait_for_everyone()
+    acc.end_training()
+    return summary
+
+
+_KD_WINDOW = 20  # steps averaged for the demo's first/last KD loss
+
+
+def _track_kd(run: Run, kd: torch.Tensor) -> None:
+    """Keep the KD loss of the first and the last 20 steps as device scalars (read only when saved/summarised)."""
+    if not run.accelerator.is_main_process:
+        return
+    value = kd.detach()
+    st = run.state
+    if len(st.kd_first) < _KD_WINDOW:
+        st.kd_first.append(value)
+    st.kd_last = (st.kd_last + [value])[-_KD_WINDOW:]
+
+
+def _should_stop(run: Run) -> bool:
+    """Whether any rank received a stop signal (all ranks agree, so all of them checkpoint and exit)."""
+    flag = run.stop.signum is not None
+    if run.accelerator.num_processes == 1:
+        return flag
+    if run.state.step % run.cfg.train.log_every and run.state.step != run.cfg.train.max_steps:
+        return False  # ranks compare flags only every log_every steps: no host sync in the other steps
+    t = torch.tensor([1.0 if flag else 0.0], device=run.accelerator.device)
+    return bool(run.accelerator.reduce(t, reduction="sum").item() > 0)
