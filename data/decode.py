@@ -1,0 +1,179 @@
+"""One webdataset sample (a dict of raw bytes) to one training example, or SkipSample with a reason.
+
+Raw samples: an image (jpg/jpeg/png/webp) + json metadata with caption fields (+ optional txt). Latent
+samples (written by `make latents`): latents.npy, prompt_embeds.npy, pooled_prompt_embeds.npy + json with
+the caption and the SDXL sizes. The checks run cheapest first, so most bad samples are skipped before any
+pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from data.captions import SkipSample, check_scores, choose_caption, decode_json, decode_text
+from data.config import DataConfig, parse_score_filters
+from data.images import (
+    IMAGE_EXTENSIONS,
+    apply_crop,
+    decode_rgb,
+    draft_size_for,
+    nearest_bucket,
+    open_image,
+    oriented_size,
+    plan_crop,
+    sdxl_buckets,
+)
+
+# File names (after the key) of a latent sample.
+LATENT_FILES = ("latents.npy", "prompt_embeds.npy", "pooled_prompt_embeds.npy")
+
+
+@dataclass
+class Example:
+    """One decoded training example. Sizes are (height, width) in px; arrays are numpy."""
+
+    key: str
+    caption: str
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+    flipped: bool
+    pixels: np.ndarray | None = None  # uint8 [H, W, 3] (raw kind)
+    latents: np.ndarray | None = None  # [4, h, w], already scaled by the VAE's scaling_factor (latent kind)
+    prompt_embeds: np.ndarray | None = None  # [77, D]
+    pooled_prompt_embeds: np.ndarray | None = None  # [P]
+
+    @property
+    def shape_key(self) -> tuple[int, ...]:
+        """Examples with equal shape keys can share a batch."""
+        if self.pixels is not None:
+            return tuple(self.pixels.shape)
+        return tuple(self.latents.shape) + tuple(self.prompt_embeds.shape)
+
+
+Decoder = Callable[[dict[str, Any], random.Random], Example]
+
+
+def _image_bytes(sample: dict[str, Any]) -> bytes | None:
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            return sample[ext]
+    return None
+
+
+class RawDecoder:
+    """Decode, filter and SDXL-preprocess raw image samples according to a DataConfig."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.score_filters = parse_score_filters(cfg.score_filters)
+        self.buckets = sdxl_buckets(cfg.resolution, cfg.bucket_step) if cfg.buckets else None
+
+    def target_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) of the crop for an image of `original_size`: its bucket, or a square."""
+        if self.buckets:
+            return nearest_bucket(original_size, self.buckets)
+        return self.cfg.resolution, self.cfg.resolution
+
+    def __call__(self, sample: dict[str, Any], rng: random.Random) -> Example:
+        """The example for one raw sample; `rng` drives the random crop and flip. Raises SkipSample."""
+        cfg = self.cfg
+        data = _image_bytes(sample)
+        if data is None:
+            raise SkipSample("no_image", f"no {'/'.join(IMAGE_EXTENSIONS)} in {sorted(sample)}")
+        meta = decode_json(sample.get("json"))
+        txt = decode_text(sample.get("txt"))
+        if meta is None and txt is None:
+            raise SkipSample("missing_json", "neither json nor txt")
+        if meta is None and self.score_filters:
+            raise SkipSample("missing_json", "score filters need json metadata")
+        caption = choose_caption(meta, txt, cfg.caption_fields, syncap=cfg.syncap, alt_text_fields=cfg.alt_text_fields)
+        check_scores(meta, self.score_filters)
+
+        img = open_image(data, cfg.max_pixels)
+        original_size = oriented_size(img)
+        height, width = original_size
+        if min(height, width) < cfg.min_side:
+            raise SkipSample("too_small", f"{width}x{height} < {cfg.min_side}")
+        aspect = width / height
+        if (cfg.min_aspect is not None and aspect < cfg.min_aspect) or (
+            cfg.max_aspect is not None and aspect > cfg.max_aspect
+        ):
+            raise SkipSample("bad_aspect", f"width/height {aspect:.3f}")
+
+        crop = plan_crop(
+            original_size,
+            self.target_size(original_size),
+            rng,
+            random_crop=cfg.random_crop,
+            random_flip=cfg.random_flip,
+        )
+        rgb = decode_rgb(img, draft_size_for(img, original_size, crop.resized_size))
+        pixels = apply_crop(rgb, crop)
+        return Example(
+            key=sample["__key__"],
+            caption=caption,
+            original_size=crop.original_size,
+            crop_top_left=crop.crop_top_left,
+            target_size=crop.target_size,
+            flipped=crop.flipped,
+            pixels=pixels,
+        )
+
+
+def _load_npy(data: bytes | None, name: str) -> np.ndarray:
+    if not data:
+        raise SkipSample("bad_latents", f"{name} missing or empty")
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise SkipSample("bad_latents", f"{name}: {type(exc).__name__}: {exc}") from exc
+    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+        raise SkipSample("bad_latents", f"{name}: dtype {array.dtype} or non-finite values")
+    return array.astype(np.float32, copy=False)
+
+
+def _pair(meta: dict[str, Any], name: str) -> tuple[int, int]:
+    value = meta.get(name)
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+        raise SkipSample("bad_latents", f"json {name} is {value!r}, not [int, int]")
+    return value[0], value[1]
+
+
+class LatentDecoder:
+    """Read latent samples written by `make latents` (no VAE or text encoder needed)."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+
+    def __call__(self, sample: dict[str, Any], rng: random.Random) -> Example:
+        """The example for one latent sample; `rng` is unused (crops were fixed when latents were made)."""
+        meta = decode_json(sample.get("json"))
+        if meta is None:
+            raise SkipSample("missing_json", "latent sample without json")
+        caption = meta.get("caption")
+        if not isinstance(caption, str):
+            raise SkipSample("bad_latents", "json has no caption string")
+        latents, prompt_embeds, pooled = (_load_npy(sample.get(name), name) for name in LATENT_FILES)
+        return Example(
+            key=sample["__key__"],
+            caption=caption,
+            original_size=_pair(meta, "original_size"),
+            crop_top_left=_pair(meta, "crop_top_left"),
+            target_size=_pair(meta, "target_size"),
+            flipped=bool(meta.get("flipped", False)),
+            latents=latents,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled,
+        )
+
+
+def make_decoder(cfg: DataConfig) -> Decoder:
+    """The decoder for cfg.kind."""
+    return LatentDecoder(cfg) if cfg.kind == "latents" else RawDecoder(cfg)

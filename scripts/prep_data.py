@@ -1,0 +1,49 @@
+"""Build webdataset shards from a folder of captioned images, a parquet/jsonl manifest or img2dataset output.
+
+Usage: python scripts/prep_data.py --src SRC --out DIR [--format folder|manifest|img2dataset]
+       [--samples-per-shard N] [--min-side PX] [--min-aspect W/H] [--max-aspect W/H] [--max-pixels N]
+       [--image-column COL] [--workers N] [--overwrite]
+Prints one line per skip reason, then one JSON line {"written", "skipped", "shards", "out", "reasons"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from data.prep import PrepOptions, prep_shards, report_lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--src", required=True, help="image folder, .parquet/.jsonl manifest or img2dataset folder")
+    parser.add_argument("--out", required=True, help="folder for the shards (000000.tar, ...)")
+    parser.add_argument("--format", choices=["folder", "manifest", "img2dataset"], help="default: detected")
+    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--min-side", type=int, default=0, help="skip images whose shorter side is below (px)")
+    parser.add_argument("--min-aspect", type=float, help="skip images with width/height below this")
+    parser.add_argument("--max-aspect", type=float, help="skip images with width/height above this")
+    parser.add_argument("--max-pixels", type=int, help="skip images with more pixels (width x height)")
+    parser.add_argument("--image-column", help="manifest column with the image path (default: detected)")
+    parser.add_argument("--image-root", help="base folder of relative manifest paths (default: its folder)")
+    parser.add_argument("--key-prefix", default="", help="prefix of the sample keys (no dots or slashes)")
+    parser.add_argument("--workers", type=int, default=1, help="processes that read and check images")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    args = parser.parse_args(argv)
+    opts = PrepOptions(
+        samples_per_shard=args.samples_per_shard,
+        min_side=args.min_side,
+        min_aspect=args.min_aspect,
+        max_aspect=args.max_aspect,
+        max_pixels=args.max_pixels,
+        image_column=args.image_column,
+        image_root=args.image_root,
+        key_prefix=args.key_prefix,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+    for line in report_lines(prep_shards(args.src, args.out, args.format, opts)):
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
