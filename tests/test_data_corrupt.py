@@ -162,3 +162,36 @@ def test_to_rgb_modes():
     assert to_rgb(Image.new("LA", (2, 2), (10, 0))).getpixel((0, 0)) == (255, 255, 255)
     rgb = Image.new("RGB", (2, 2), (1, 2, 3))
     assert to_rgb(rgb) is rgb
+
+
+def test_resume_counts_every_skip_exactly_once(tmp_path, corrupt_shard):
+    corrupt, _, _ = corrupt_shard
+    broken = str(tmp_path / "broken.tar")
+    with wds.TarWriter(broken) as writer:
+        for i in range(5):
+            writer.write({"__key__": f"b{i}", "png": encode_image(_rgb(30 + i), "png"), "json": CAPTION})
+    data = open(broken, "rb").read()
+    open(broken, "wb").write(data[: data.index(b"b3.png") + 700])
+    cfg = _cfg(f"{corrupt}::{broken}", shuffle_buffer=4, shuffle_group_shards=2, random_crop=True)
+    n = 16
+    reference = build_loader(cfg, batch_size=2, rank=0, world_size=1, seed=0)
+    counts = []
+    for _ in itertools.islice(iter(reference), n):
+        counts.append(reference.skip_counts())
+    assert counts[-1]["tar_error"] >= 2  # the broken shard was read in more than one epoch
+    for k in (1, 5, 8):
+        first = build_loader(cfg, batch_size=2, rank=0, world_size=1, seed=0)
+        list(itertools.islice(iter(first), k))
+        resumed = build_loader(cfg, batch_size=2, rank=0, world_size=1, seed=0, state=first.state_dict())
+        for i, _ in enumerate(itertools.islice(iter(resumed), n - k)):
+            assert resumed.skip_counts() == counts[k + i], (k, i)
+
+
+def test_a_stream_without_usable_samples_fails_instead_of_hanging(tmp_path):
+    path = str(tmp_path / "000000.tar")
+    with wds.TarWriter(path) as writer:
+        for key, fields, _ in _bad_samples():
+            writer.write({"__key__": key, **fields})
+    loader = build_loader(_cfg(path), batch_size=1, rank=0, world_size=1, seed=0)
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        next(iter(loader))

@@ -1,0 +1,33 @@
+"""Benchmark the raw data stream: 1024 px decode + crop + to-tensor samples/s per loader worker, as JSON.
+
+Usage: python scripts/bench_data.py [--shards DIR_OR_PATTERN] [--workers 1 2] [--batches N]
+Without --shards, LAION-POP-sized JPEG shards are made from the demo photos in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+
+from data.bench import run_bench, write_bench_shards
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", help="shards to read (default: made from the demo photos)")
+    parser.add_argument("--resolution", type=int, default=1024, help="crop side in px")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per batch")
+    parser.add_argument("--batches", type=int, default=12, help="batches timed per setting")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards or tmp
+        if not args.shards:
+            write_bench_shards(tmp)
+        result = run_bench(shards, args.resolution, args.batch_size, args.batches, tuple(args.workers))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""`make data` (folder, manifest, img2dataset sources) and `make demo-data`."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from data.config import DataConfig
+from data.demo import DEMO_IMAGES
+from data.prep import PrepOptions, prep_shards
+from data.stream import build_loader
+from data.synthetic import encode_image, synthetic_image
+from scripts import make_demo_data, prep_data
+
+LAION_POP = {
+    "url": "https://example.invalid/x.jpg",
+    "alt_txt": "alt text",
+    "cogvlm_caption": "A long generated caption.",
+    "llava_caption": "Another generated caption.",
+    "aesthetic_score": 6.1,
+}
+
+
+def _image(seed: int, height: int = 40, width: int = 56) -> np.ndarray:
+    return synthetic_image(np.random.default_rng(seed), height, width)
+
+
+def _write(path, data: bytes | str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def _read_shards(folder: str) -> list[dict]:
+    urls = [{"url": os.path.join(folder, f)} for f in sorted(os.listdir(folder)) if f.endswith(".tar")]
+    return list(wds.tarfile_samples(urls))
+
+
+def _last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.fixture()
+def image_folder(tmp_path):
+    src = tmp_path / "src"
+    jpeg = encode_image(_image(1), "jpg")
+    _write(src / "a.jpg", jpeg)
+    _write(src / "a.txt", "a caption from a txt sidecar")
+    _write(src / "sub" / "b.png", encode_image(_image(2), "png"))
+    _write(src / "sub" / "b.json", json.dumps(LAION_POP))
+    Image.fromarray(_image(3)).save(src / "c.bmp")
+    _write(src / "c.txt", "a bitmap")
+    _write(src / "d.jpg", jpeg[: len(jpeg) // 2])
+    _write(src / "d.txt", "truncated")
+    _write(src / "e.png", encode_image(_image(4), "png"))
+    _write(src / "e.json", '{"caption": ')
+    _write(src / "f.png", encode_image(_image(5), "png"))
+    _write(src / "g.txt", "a caption without an image")
+    _write(src / "h.png", encode_image(_image(6), "png"))
+    _write(src / "h.txt", b"\xff\xfe not utf-8")
+    _write(src / "i.jpg", b"")
+    _write(src / "i.txt", "zero bytes")
+    _write(src / "j.png", encode_image(_image(7, 10, 12), "png"))
+    _write(src / "j.txt", "tiny but readable")
+    return src
+
+
+def test_folder_source_keeps_every_readable_image(image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    prep_data.main(["--src", str(image_folder), "--out", str(out), "--samples-per-shard", "2"])
+    printed = capsys.readouterr().out
+    summary = _last_json_line(printed)
+    assert summary["written"] == 4 and summary["shards"] == 2 and summary["out"] == str(out)
+    assert summary["skipped"] == 5
+    assert summary["reasons"] == {"bad_image": 1, "bad_json": 1, "bad_text": 1, "empty_image": 1, "no_caption": 1}
+    assert "skipped 1 bad_image: e.g. d.jpg" in printed
+
+    samples = _read_shards(str(out))
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(4)]
+    by_source = {json.loads(s["json"])["source"]: s for s in samples}
+    assert sorted(by_source) == ["a.jpg", "c.bmp", "j.png", os.path.join("sub", "b.png")]
+    assert "png" in by_source["c.bmp"] and "bmp" not in by_source["c.bmp"]  # re-encoded losslessly
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(by_source["c.bmp"]["png"]))), _image(3))
+    assert by_source["a.jpg"]["jpg"] == encode_image(_image(1), "jpg")  # original bytes kept
+    meta = json.loads(by_source[os.path.join("sub", "b.png")]["json"])
+    assert meta["cogvlm_caption"] == LAION_POP["cogvlm_caption"] and (meta["width"], meta["height"]) == (56, 40)
+    assert by_source["a.jpg"]["txt"] == b"a caption from a txt sidecar"
+
+    # the shards train: a loader reads them (b's caption comes from cogvlm_caption)
+    cfg = DataConfig(shards=str(out), resolution=16, num_workers=0, shuffle_buffer=1)
+    batches = list(itertools.islice(iter(build_loader(cfg, batch_size=4, rank=0, world_size=1, seed=0)), 1))
+    assert "A long generated caption." in batches[0]["captions"]
+
+    with pytest.raises(FileExistsError):
+        prep_shards(str(image_folder), str(out))
+    again = prep_shards(str(image_folder), str(out), opts=PrepOptions(min_side=20, overwrite=True))
+    assert again["written"] == 3 and again["reasons"]["too_small"] == 1
+    assert sorted(os.listdir(out)) == ["000000.tar", "stats.json"]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_manifest_source_with_laion_pop_columns(tmp_path, kind):
+    images = tmp_path / "images"
+    rows = []
+    for i in range(5):
+        _write(images / f"{i}.jpg", encode_image(_image(10 + i), "jpg"))
+        rows.append({**LAION_POP, "key": f"{i:05d}", "image_path": f"images/{i}.jpg"})
+    rows.append({**LAION_POP, "key": "gone", "image_path": "images/missing.jpg"})
+    manifest = tmp_path / f"manifest.{kind}"
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), manifest)
+    else:
+        lines = [json.dumps(r) for r in rows] + ["{not json"]
+        manifest.write_text("\n".join(lines) + "\n")
+    summary = prep_shards(str(manifest), str(tmp_path / "out"), opts=PrepOptions(samples_per_shard=2, workers=2))
+    expected = {"missing_image": 1} if kind == "parquet" else {"missing_image": 1, "bad_json": 1}
+    assert summary["written"] == 5 and summary["shards"] == 3 and summary["reasons"] == expected
+    samples = _read_shards(str(tmp_path / "out"))
+    metas = [json.loads(s["json"]) for s in samples]
+    assert [m["key"] for m in metas] == [f"{i:05d}" for i in range(5)]  # order kept with 2 workers
+    assert all(m["alt_txt"] == "alt text" and m["aesthetic_score"] == 6.1 for m in metas)
+    assert "image_path" not in metas[0]
+
+
+def test_manifest_without_local_paths_points_to_img2dataset(tmp_path):
+    manifest = tmp_path / "urls.jsonl"
+    manifest.write_text(json.dumps(LAION_POP) + "\n")
+    with pytest.raises(ValueError, match="img2dataset"):
+        prep_shards(str(manifest), str(tmp_path / "out"))
+
+
+def test_img2dataset_output_is_resharded_and_filtered(tmp_path):
+    src = tmp_path / "img2dataset"
+    src.mkdir()
+    n = 0
+    for shard in range(2):
+        with wds.TarWriter(str(src / f"{shard:05d}.tar")) as writer:
+            for i in range(4):
+                key = f"{shard:05d}{i:04d}"
+                size = (24, 30) if i == 3 else (40, 56)  # one small image per shard
+                data = encode_image(_image(20 + n, *size), "jpg")
+                if shard == 1 and i == 0:
+                    data = data[:100]  # a broken download
+                meta = {"key": key, "status": "success", "caption": "alt", "cogvlm_caption": f"gen {key}"}
+                writer.write({"__key__": key, "jpg": data, "txt": b"alt", "json": json.dumps(meta).encode()})
+                n += 1
+        (src / f"{shard:05d}.parquet").write_bytes(b"stats written by img2dataset, ignored")
+    summary = prep_shards(str(src), str(tmp_path / "out"), opts=PrepOptions(samples_per_shard=3, min_side=32))
+    assert summary["reasons"] == {"bad_image": 1, "too_small": 2}
+    assert summary["written"] == 5 and summary["shards"] == 2
+    metas = [json.loads(s["json"]) for s in _read_shards(str(tmp_path / "out"))]
+    assert [m["cogvlm_caption"] for m in metas] == [
+        "gen 000000000",
+        "gen 000000001",
+        "gen 000000002",
+        "gen 000010001",
+        "gen 000010002",
+    ]
+
+
+def test_demo_data_is_reproducible_and_loads(tmp_path, capsys):
+    out = tmp_path / "demo"
+    make_demo_data.main(["--out", str(out)])
+    summary = _last_json_line(capsys.readouterr().out)
+    assert summary == {"written": 12, "skipped": 0, "shards": 4, "out": str(out), "reasons": {}}
+    digest = {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in sorted(os.listdir(out))}
+    make_demo_data.main(["--out", str(out)])
+    assert digest == {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in sorted(os.listdir(out))}
+
+    for image in DEMO_IMAGES:
+        assert 40 <= len(image.caption.split()) <= 80, image.name
+    cfg = DataConfig(shards=str(out), resolution=64, num_workers=2, shuffle_buffer=8, buckets=False)
+    loader = build_loader(cfg, batch_size=4, rank=0, world_size=1, seed=0)
+    batches = list(itertools.islice(iter(loader), 4))  # 2 per worker: each worker's 6 demo images + 2
+    keys = [k for b in batches for k, e in zip(b["keys"], b["epoch"].tolist(), strict=True) if e == 0]
+    assert sorted(keys) == [f"demo{i:09d}" for i in range(12)] and loader.skip_counts() == {}
+    captions = {c for b in batches for c in b["captions"]}
+    assert captions == {image.caption for image in DEMO_IMAGES}
