@@ -1,0 +1,183 @@
+"""`make latents`: precompute VAE latents and both text encoders' embeddings into latent shards.
+
+Each raw input shard becomes one latent shard (same index, `{index:06d}.tar` in the output folder), written
+to a temporary name and renamed when complete, so an interrupted run resumes shard by shard: finished shards
+are skipped. A latent sample is {key}.latents.npy [4, h, w] (the VAE latent-distribution mean times the VAE's
+scaling_factor), {key}.prompt_embeds.npy [77, D], {key}.pooled_prompt_embeds.npy [P] and {key}.json (caption,
+original_size, crop_top_left, target_size, flipped). Training reads them with `data.kind=latents`, without the
+VAE encoder or the text encoders.
+
+Crops are fixed here: each sample's crop (and flip) comes from an RNG seeded by (seed, key), so reruns give the
+same latents. Preprocessing, caption choice and filters follow the same DataConfig keys as raw training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from data.captions import SkipSample
+from data.config import DataConfig
+from data.decode import Example, RawDecoder
+from data.stream import Batcher, collate, expand_shards
+from distill.conditioning import encode_images, encode_prompts
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_STORAGE = {"float32": np.float32, "float16": np.float16}
+
+
+def load_encoders(pipeline_dir: str, device: str, text_dtype: str = "float32", vae_dtype: str = "float32"):
+    """(vae, [tokenizer, tokenizer_2], [text_encoder, text_encoder_2]) of an SDXL pipeline folder, frozen.
+
+    Only these parts are loaded (not the U-Net). SDXL's original VAE overflows in float16: keep vae_dtype at
+    float32 (or bfloat16) unless the folder holds the fp16-fix VAE.
+    """
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae", torch_dtype=_DTYPES[vae_dtype])
+    tokenizers = [CLIPTokenizer.from_pretrained(pipeline_dir, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
+    encoders = [
+        CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder", torch_dtype=_DTYPES[text_dtype]),
+        CLIPTextModelWithProjection.from_pretrained(
+            pipeline_dir, subfolder="text_encoder_2", torch_dtype=_DTYPES[text_dtype]
+        ),
+    ]
+    for module in (vae, *encoders):
+        module.to(device).eval().requires_grad_(False)
+    return vae, tokenizers, encoders
+
+
+def sample_rng(seed: int, key: str) -> random.Random:
+    """The crop/flip RNG of one sample when its latents are made."""
+    return random.Random(f"{seed}:latents:{key}")
+
+
+def _raw_examples(url: str, decoder: RawDecoder, seed: int, skips: Counter[str]) -> Iterator[Example]:
+    def on_error(exc: Exception) -> bool:
+        skips["tar_error"] += 1
+        log.warning("skipping a bad part of %s: %s", url, exc)
+        return True
+
+    for raw in wds.tarfile_samples([{"url": url}], handler=on_error):
+        try:
+            yield decoder(raw, sample_rng(seed, raw["__key__"]))
+        except SkipSample as skip:
+            skips[skip.reason] += 1
+
+
+def encode_batch(items: list, vae, tokenizers, encoders, storage: str) -> list[dict[str, Any]]:
+    """Latent samples (webdataset dicts) for a list of (position, Example) of one shape."""
+    batch = collate(items)
+    latents = encode_images(vae, batch["pixel_values"]).float().cpu().numpy()
+    prompt_embeds, pooled = encode_prompts(tokenizers, encoders, batch["captions"])
+    prompt_embeds, pooled = prompt_embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
+    dtype = _STORAGE[storage]
+    samples = []
+    for i, (_, ex) in enumerate(items):
+        meta = {
+            "caption": ex.caption,
+            "original_size": list(ex.original_size),
+            "crop_top_left": list(ex.crop_top_left),
+            "target_size": list(ex.target_size),
+            "flipped": ex.flipped,
+            "vae_scaling_factor": float(vae.config.scaling_factor),
+        }
+        samples.append(
+            {
+                "__key__": ex.key,
+                "latents.npy": latents[i].astype(dtype),
+                "prompt_embeds.npy": prompt_embeds[i].astype(dtype),
+                "pooled_prompt_embeds.npy": pooled[i].astype(dtype),
+                "json": json.dumps(meta).encode("utf-8"),
+            }
+        )
+    return samples
+
+
+def make_latents(
+    pipeline_dir: str,
+    shards: str,
+    out: str,
+    cfg: DataConfig | None = None,
+    *,
+    batch_size: int = 8,
+    device: str | None = None,
+    text_dtype: str | None = None,
+    vae_dtype: str = "float32",
+    storage: str = "float16",
+    seed: int = 0,
+    part: int = 0,
+    num_parts: int = 1,
+) -> dict[str, Any]:
+    """Encode the raw `shards` into latent shards in `out`; return a summary.
+
+    cfg: preprocessing, caption and filter keys (its `shards` is ignored; default DataConfig()).
+    batch_size: images per VAE / text-encoder call. device: default cuda if available, else cpu.
+    text_dtype: text-encoder dtype (default float16 on cuda, float32 on cpu). storage: dtype of the arrays
+    in the shards (float16 halves the disk; float32 keeps them bit-exact). part / num_parts: this process
+    makes the shards with index % num_parts == part (several GPUs share one output folder).
+    Summary: {"made", "skipped_existing", "written", "skipped", "reasons", "out"}.
+    """
+    cfg = replace(cfg or DataConfig(), shards=shards, kind="raw")
+    if storage not in _STORAGE:
+        raise ValueError(f"storage must be one of {sorted(_STORAGE)}, got {storage!r}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    text_dtype = text_dtype or ("float16" if device.startswith("cuda") else "float32")
+    urls = expand_shards(shards)
+    os.makedirs(out, exist_ok=True)
+    todo = [
+        (i, url)
+        for i, url in enumerate(urls)
+        if i % num_parts == part and not os.path.exists(os.path.join(out, f"{i:06d}.tar"))
+    ]
+    summary: dict[str, Any] = {"made": 0, "skipped_existing": 0, "written": 0, "skipped": 0, "reasons": {}}
+    summary["skipped_existing"] = sum(1 for i in range(len(urls)) if i % num_parts == part) - len(todo)
+    skips: Counter[str] = Counter()
+    if todo:
+        vae, tokenizers, encoders = load_encoders(pipeline_dir, device, text_dtype, vae_dtype)
+        decoder = RawDecoder(cfg)
+        for index, url in todo:
+            summary["written"] += _make_one(
+                index, url, out, decoder, seed, batch_size, skips, (vae, tokenizers, encoders), storage
+            )
+            summary["made"] += 1
+    summary.update(skipped=sum(skips.values()), reasons=dict(sorted(skips.items())), out=os.path.abspath(out))
+    return summary
+
+
+def _make_one(index, url, out, decoder, seed, batch_size, skips, models, storage) -> int:
+    """Write the latent shard of one raw shard; return its number of samples."""
+    final = Path(out) / f"{index:06d}.tar"
+    partial = final.with_suffix(f".tar.partial-{os.getpid()}")
+    batcher, written = Batcher(batch_size), 0
+    with torch.inference_mode(), wds.TarWriter(str(partial), mtime=0) as writer:
+
+        def flush(items: list) -> None:
+            nonlocal written
+            for sample in encode_batch(items, *models, storage):
+                writer.write(sample)
+                written += 1
+
+        for n, example in enumerate(_raw_examples(url, decoder, seed, skips)):
+            full = batcher.add((0, 0, n), example)
+            if full is not None:
+                flush(full)
+        for items in list(batcher.buckets.values()):  # partly filled buckets at the shard's end
+            flush(items)
+    os.replace(partial, final)  # atomic: a shard either exists complete or not at all
+    log.info("latent shard %s: %d samples", final, written)
+    return written

@@ -1,0 +1,59 @@
+"""Precompute VAE latents and text embeddings of raw shards with a teacher pipeline, into latent shards.
+
+Usage: python scripts/make_latents.py --pipeline DIR --shards PATTERN --out DIR [--batch-size N]
+       [--resolution PX] [--buckets] [--random-crop] [--syncap] [--storage float16|float32]
+Resumable: finished output shards are skipped. Ends with one JSON line (made, written, skipped, out, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from data.config import DataConfig
+from data.latents import make_latents
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", required=True, help="SDXL pipeline folder (VAE, tokenizers, text encoders)")
+    parser.add_argument("--shards", required=True, help="raw shards: brace pattern, folder, glob or pipe:")
+    parser.add_argument("--out", required=True, help="folder for the latent shards")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
+    parser.add_argument("--resolution", type=int, default=1024, help="crop side in px (bucket area with --buckets)")
+    parser.add_argument("--buckets", action="store_true", help="SDXL aspect buckets instead of square crops")
+    parser.add_argument("--random-crop", action="store_true", help="seeded random crops (default: center)")
+    parser.add_argument("--syncap", action="store_true", help="alt text + generated caption (KOALA synCap)")
+    parser.add_argument("--storage", choices=["float16", "float32"], default="float16", help="array dtype on disk")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--vae-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random crops")
+    parser.add_argument("--part", type=int, default=0, help="make shards with index %% num-parts == part")
+    parser.add_argument("--num-parts", type=int, default=1, help="processes sharing the work")
+    args = parser.parse_args(argv)
+    cfg = DataConfig(
+        shards=args.shards,
+        resolution=args.resolution,
+        buckets=args.buckets,
+        random_crop=args.random_crop,
+        random_flip=False,
+        syncap=args.syncap,
+    )
+    summary = make_latents(
+        args.pipeline,
+        args.shards,
+        args.out,
+        cfg,
+        batch_size=args.batch_size,
+        device=args.device,
+        vae_dtype=args.vae_dtype,
+        storage=args.storage,
+        seed=args.seed,
+        part=args.part,
+        num_parts=args.num_parts,
+    )
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
