@@ -80,33 +80,49 @@ def write_bench_shards(out: str, num_samples: int = 48, samples_per_shard: int =
     return paths
 
 
-def time_loader(cfg: DataConfig, batch_size: int, batches: int) -> float:
-    """Samples per second over `batches` batches, after one warm-up batch (worker start-up excluded)."""
+def time_loader(cfg: DataConfig, batch_size: int, batches: int) -> tuple[float, float]:
+    """(samples per wall second, samples per CPU second of this process) over `batches` batches.
+
+    One warm-up batch first, so worker start-up is excluded. The CPU-second figure counts only this process
+    (so it is meaningful for num_workers=0, where the whole pipeline runs here) and is hardly affected by other
+    programs competing for the cores.
+    """
     iterator = iter(build_loader(cfg, batch_size=batch_size, rank=0, world_size=1, seed=0))
     next(iterator)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in itertools.islice(iterator, batches):
         pass
-    return batches * batch_size / (time.perf_counter() - start)
+    samples = batches * batch_size
+    return samples / (time.perf_counter() - wall), samples / (time.process_time() - cpu)
 
 
 def run_bench(
     shards: str, resolution: int = 1024, batch_size: int = 4, batches: int = 12, workers: tuple[int, ...] = (1, 2)
 ) -> dict[str, Any]:
-    """Throughput of the raw stream with 0 (in-process) and `workers` worker processes, as a JSON-able dict."""
-    results = {}
-    for num_workers in (0, *workers):
+    """Throughput of the raw stream in-process and with `workers` worker processes, as a JSON-able dict.
+
+    samples_per_cpu_s: one worker's throughput when it has a core to itself (the in-process pipeline per CPU
+    second, torch limited to one thread as in a worker); workers_for_gpu_at_30_img_s divides 30 img/s by it.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as inside a DataLoader worker
+    try:
+        cfg = DataConfig(shards=shards, resolution=resolution, num_workers=0, shuffle_buffer=16, random_crop=True)
+        in_process_wall, per_cpu_s = time_loader(cfg, batch_size, batches)
+    finally:
+        torch.set_num_threads(threads)
+    by_workers = {}
+    for num_workers in workers:
         cfg = DataConfig(
             shards=shards, resolution=resolution, num_workers=num_workers, shuffle_buffer=16, random_crop=True
         )
-        results[num_workers] = time_loader(cfg, batch_size, batches)
-    per_worker = results[1] if 1 in results else results[0]
+        by_workers[str(num_workers)] = round(time_loader(cfg, batch_size, batches)[0], 2)
     return {
         "bench": "data",
-        "samples_per_s_per_worker": round(per_worker, 2),
-        "samples_per_s_in_process": round(results[0], 2),
-        "samples_per_s_by_workers": {str(w): round(results[w], 2) for w in workers},
-        "workers_for_gpu_at_30_img_s": math.ceil(GPU_IMAGES_PER_S / per_worker),
+        "samples_per_cpu_s": round(per_cpu_s, 2),
+        "samples_per_s_in_process": round(in_process_wall, 2),
+        "samples_per_s_by_workers": by_workers,
+        "workers_for_gpu_at_30_img_s": math.ceil(GPU_IMAGES_PER_S / per_cpu_s),
         "resolution": resolution,
         "image_size_wh": list(LAION_POP_MEAN_SIZE),
         "jpeg_quality": JPEG_QUALITY,
@@ -114,6 +130,7 @@ def run_bench(
         "samples_timed": batches * batch_size,
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "date": datetime.date.today().isoformat(),
         "versions": {
             "python": platform.python_version(),

@@ -5,7 +5,8 @@ to a temporary name and renamed when complete, so an interrupted run resumes sha
 are skipped. A latent sample is {key}.latents.npy [4, h, w] (the VAE latent-distribution mean times the VAE's
 scaling_factor), {key}.prompt_embeds.npy [77, D], {key}.pooled_prompt_embeds.npy [P] and {key}.json (caption,
 original_size, crop_top_left, target_size, flipped). Training reads them with `data.kind=latents`, without the
-VAE encoder or the text encoders.
+VAE encoder or the text encoders; `empty_prompt.npz` in the same folder holds the empty caption's embeddings
+for caption dropout.
 
 Crops are fixed here: each sample's crop (and flip) comes from an RNG seeded by (seed, key), so reruns give the
 same latents. Preprocessing, caption choice and filters follow the same DataConfig keys as raw training.
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STORAGE = {"float32": np.float32, "float16": np.float16}
+# Embeddings of the empty caption, next to the latent shards (the loader reads only *.tar).
+EMPTY_PROMPT_FILE = "empty_prompt.npz"
 
 
 def load_encoders(pipeline_dir: str, device: str, text_dtype: str = "float32", vae_dtype: str = "float32"):
@@ -59,6 +62,19 @@ def load_encoders(pipeline_dir: str, device: str, text_dtype: str = "float32", v
     for module in (vae, *encoders):
         module.to(device).eval().requires_grad_(False)
     return vae, tokenizers, encoders
+
+
+def write_empty_prompt(path: str, tokenizers: list, encoders: list) -> None:
+    """Save the embeddings of the empty caption (float32 prompt_embeds [77, D], pooled_prompt_embeds [P]).
+
+    A trainer on latent shards needs them for caption dropout (SDXL drops a caption by encoding "").
+    """
+    prompt_embeds, pooled = encode_prompts(tokenizers, encoders, [""])
+    tmp = f"{path}.partial-{os.getpid()}.npz"
+    np.savez(
+        tmp, prompt_embeds=prompt_embeds[0].float().cpu().numpy(), pooled_prompt_embeds=pooled[0].float().cpu().numpy()
+    )
+    os.replace(tmp, path)
 
 
 def sample_rng(seed: int, key: str) -> random.Random:
@@ -147,8 +163,11 @@ def make_latents(
     summary: dict[str, Any] = {"made": 0, "skipped_existing": 0, "written": 0, "skipped": 0, "reasons": {}}
     summary["skipped_existing"] = sum(1 for i in range(len(urls)) if i % num_parts == part) - len(todo)
     skips: Counter[str] = Counter()
-    if todo:
+    empty_prompt = os.path.join(out, EMPTY_PROMPT_FILE)
+    if todo or not os.path.exists(empty_prompt):
         vae, tokenizers, encoders = load_encoders(pipeline_dir, device, text_dtype, vae_dtype)
+        if not os.path.exists(empty_prompt):
+            write_empty_prompt(empty_prompt, tokenizers, encoders)
         decoder = RawDecoder(cfg)
         for index, url in todo:
             summary["written"] += _make_one(

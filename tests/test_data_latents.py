@@ -65,6 +65,10 @@ def test_latents_equal_the_vae_encoding_of_the_same_crop(tiny_pipeline_dir, raw_
         torch.testing.assert_close(torch.from_numpy(_npy(sample["prompt_embeds.npy"])), prompt_embeds[0])
         torch.testing.assert_close(torch.from_numpy(_npy(sample["pooled_prompt_embeds.npy"])), pooled[0])
     assert len(corners) > 1, "seeded random crops should differ between samples"
+    empty = np.load(f"{out}/empty_prompt.npz")
+    prompt_embeds, pooled = encode_prompts(tokenizers, encoders, [""])
+    torch.testing.assert_close(torch.from_numpy(empty["prompt_embeds"]), prompt_embeds[0])
+    torch.testing.assert_close(torch.from_numpy(empty["pooled_prompt_embeds"]), pooled[0])
 
     # Training reads the latent shards without the VAE or the text encoders.
     lat_cfg = DataConfig(shards=out, kind="latents", num_workers=0, shuffle_buffer=2)
