@@ -1,0 +1,56 @@
+"""Generate images with fixed seeds from an exported pipeline folder, a training checkpoint or a teacher.
+
+Unset sampler settings take the source's family defaults (distill/sampling.py: SAMPLER_DEFAULTS, or an exported
+folder's koala_sampler.json). Writes <out>/<i>.png, grid.png, prompts.json, sample.json; prints a JSON line.
+
+Usage: python scripts/sample.py --source DIR (--prompt TEXT ... | --prompts smoke|eval|FILE) [--out DIR] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from distill.sampling import DTYPES, SAMPLER_DEFAULTS, read_prompts, sample
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", required=True, help="pipeline folder or checkpoint folder (meta.json + student/)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", default=None, help="prompt set (smoke, eval) or a text file, one per line")
+    p.add_argument("--max-prompts", type=int, default=None, help="keep the first N prompts of --prompts")
+    p.add_argument("--out", default="outputs/samples", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (family default)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (family default)")
+    p.add_argument("--height", type=int, default=None, help="px (family default)")
+    p.add_argument("--width", type=int, default=None, help="px (family default)")
+    p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=None,
+                   help="timestep spacing (default: the folder's scheduler; a checkpoint's family)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--family", choices=sorted(SAMPLER_DEFAULTS), default=None, help="defaults of this family")
+    p.add_argument("--no-ema", action="store_true", help="use a checkpoint's student/ even if student_ema/ exists")
+    p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--grid-cols", type=int, default=4)
+    args = p.parse_args(argv)
+
+    prompts = list(args.prompt)
+    if args.prompts:
+        prompts += read_prompts(args.prompts, args.max_prompts)
+    if not prompts:
+        p.error("give --prompt TEXT or --prompts smoke|eval|FILE")
+    summary = sample(
+        args.source, prompts, args.out, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
+        height=args.height, width=args.width, timestep_spacing=args.spacing, negative_prompt=args.negative_prompt,
+        family=args.family, use_ema=not args.no_ema, batch_size=args.batch_size, device=args.device,
+        dtype=args.dtype, grid_cols=args.grid_cols,
+    )
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

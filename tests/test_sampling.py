@@ -1,0 +1,173 @@
+"""Sampling from pipeline folders and checkpoints on the tiny pipeline: defaults, seeds, EMA, files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from distill.sampling import (
+    SAMPLER_DEFAULTS,
+    SourceError,
+    family_settings,
+    generate,
+    infer_family,
+    load_source,
+    read_prompts,
+    resolve_settings,
+    sample,
+)
+from distill.students import STUDENTS, build_unet, derive_student_config, init_student_from_teacher
+from distill.tiny import tiny_unet_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(steps=2, height=32, width=32)  # 2 steps at 32 px (16x16 latents) keep each image fast
+
+
+def make_tiny_checkpoint(teacher_dir: Path, folder: Path, ema: bool = True) -> Path:
+    """A checkpoint folder in the trainer's contract: student/, student_ema/, meta.json (teacher-initialised)."""
+    if (folder / "meta.json").is_file():
+        return folder
+    teacher = UNet2DConditionModel.from_pretrained(teacher_dir / "unet")
+    torch.manual_seed(0)
+    student = build_unet(derive_student_config(tiny_unet_config(), STUDENTS["tiny"]))
+    init_student_from_teacher(student, teacher)
+    student.save_pretrained(folder / "student")
+    if ema:
+        with torch.no_grad():  # an EMA that differs from the raw student, so the test can tell them apart
+            for p in student.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        student.save_pretrained(folder / "student_ema")
+    meta = {"teacher_path": str(teacher_dir), "teacher_name": "tiny", "step": 7}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def make_exported(teacher_dir: Path, ckpt: Path, folder: Path, family: str = "sdxl_lightning") -> Path:
+    """An exported student folder: the teacher's pipeline with unet/ replaced and koala_sampler.json."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    shutil.copytree(teacher_dir, folder)
+    shutil.rmtree(folder / "unet")
+    shutil.copytree(ckpt / "student", folder / "unet")
+    d = SAMPLER_DEFAULTS[family]
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    sched["timestep_spacing"] = d.timestep_spacing
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    (folder / "koala_sampler.json").write_text(json.dumps({
+        "teacher": family, "num_inference_steps": d.steps, "guidance_scale": d.guidance_scale,
+        "timestep_spacing": d.timestep_spacing, "resolution": 64,
+    }))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_pipeline_dir):  # tests/conftest.py: built once per session
+    return tiny_pipeline_dir
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_dir, tmp_path_factory):
+    return make_tiny_checkpoint(tiny_dir, tmp_path_factory.getbasetemp() / "ckpt_tiny")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dir, ckpt, tmp_path_factory):
+    return make_exported(tiny_dir, ckpt, tmp_path_factory.getbasetemp() / "exported_lightning")
+
+
+def test_sampler_table_has_every_family():
+    assert set(SAMPLER_DEFAULTS) == {"sdxl_base", "sdxl_turbo", "sdxl_lightning", "tiny"}
+    assert SAMPLER_DEFAULTS["sdxl_lightning"].steps == 10
+    assert SAMPLER_DEFAULTS["sdxl_lightning"].guidance_scale == 3.5
+    assert SAMPLER_DEFAULTS["sdxl_lightning"].timestep_spacing == "trailing"
+    assert SAMPLER_DEFAULTS["sdxl_base"].steps == 25 and SAMPLER_DEFAULTS["sdxl_base"].guidance_scale == 5.0
+
+
+def test_sampler_table_agrees_with_teacher_configs():
+    """conf/teacher/*.yaml carries the same sampler settings (written into exported students)."""
+    omegaconf = pytest.importorskip("omegaconf")
+    base = REPO / "conf" / "teacher" / "sdxl_base.yaml"
+    if not base.is_file():
+        pytest.skip("conf/teacher not present")
+    for family, d in SAMPLER_DEFAULTS.items():
+        cfg = omegaconf.OmegaConf.load(REPO / "conf" / "teacher" / f"{family}.yaml")
+        if "defaults" in cfg:  # the Turbo/Lightning files extend sdxl_base.yaml
+            cfg = omegaconf.OmegaConf.merge(omegaconf.OmegaConf.load(base), cfg)
+        s = cfg.sampler
+        assert (s.timestep_spacing, s.steps, s.guidance_scale) == (d.timestep_spacing, d.steps, d.guidance_scale)
+        assert cfg.resolution == d.resolution
+
+
+def test_shipped_prompt_sets(tmp_path):
+    prompts = read_prompts("eval")
+    assert len(prompts) >= 200 and len(set(prompts)) == len(prompts)
+    assert 5 <= len(read_prompts("smoke")) <= 16
+    f = tmp_path / "p.txt"
+    f.write_text("# comment\n\na cat\n  a dog  \n")
+    assert read_prompts(f) == ["a cat", "a dog"]
+    assert read_prompts("eval", limit=3) == prompts[:3]
+
+
+def test_checkpoint_source_uses_ema_and_family_spacing(ckpt):
+    loaded = load_source(ckpt)
+    assert loaded.kind == "checkpoint" and loaded.family == "tiny" and loaded.step == 7
+    assert loaded.unet_folder == "student_ema"
+    assert loaded.defaults.steps == SAMPLER_DEFAULTS["tiny"].steps
+    assert loaded.pipe.scheduler.config.timestep_spacing == "leading"
+    assert load_source(ckpt, use_ema=False).unet_folder == "student"
+    lightning = load_source(ckpt, family="sdxl_lightning")
+    assert lightning.pipe.scheduler.config.timestep_spacing == "trailing"
+
+
+def test_exported_folder_keeps_its_scheduler_and_sampler_file(exported, tiny_dir):
+    assert infer_family(exported) == "sdxl_lightning"
+    assert infer_family(tiny_dir) == "tiny"
+    loaded = load_source(exported)
+    assert loaded.kind == "pipeline" and loaded.family == "sdxl_lightning"
+    assert loaded.pipe.scheduler.config.timestep_spacing == "trailing"
+    assert loaded.defaults.timestep_spacing is None  # the folder's scheduler is kept
+    assert (loaded.defaults.steps, loaded.defaults.guidance_scale, loaded.defaults.height) == (10, 3.5, 64)
+    assert family_settings("sdxl_turbo").height == 512
+
+
+def test_not_a_source(tmp_path):
+    with pytest.raises(SourceError):
+        load_source(tmp_path)
+
+
+def test_seeds_are_per_image_and_batch_independent(tiny_dir):
+    loaded = load_source(tiny_dir)
+    s = resolve_settings(loaded.defaults, **FAST)
+    prompts = ["a red car", "a photo of a cat", "a house"]
+    one = generate(loaded.pipe, prompts, s, seed=3, batch_size=1)
+    batched = generate(loaded.pipe, prompts, s, seed=3, batch_size=2)
+    assert one.seeds == [3, 4, 5]
+    assert one.latents.shape == (3, 4, 16, 16) and one.pixels.shape == (3, 3, 32, 32)
+    assert torch.allclose(one.latents, batched.latents, atol=1e-4)
+    assert not torch.allclose(one.latents[0], one.latents[1])
+    assert one.images_per_s > 0 and [im.size for im in one.images] == [(32, 32)] * 3
+
+
+def test_sample_script_end_to_end(ckpt, tmp_path):
+    from scripts.sample import main
+
+    out = tmp_path / "samples"
+    summary = main(["--source", str(ckpt), "--prompt", "a lighthouse at night", "--prompts", "smoke",
+                    "--max-prompts", "2", "--out", str(out), "--steps", "2", "--seed", "5", "--device", "cpu",
+                    "--height", "32", "--width", "32"])
+    assert summary["images"] == 3 and summary["unet"] == "student_ema" and summary["settings"]["steps"] == 2
+    assert summary["settings"]["guidance_scale"] == SAMPLER_DEFAULTS["tiny"].guidance_scale
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000.png", "0001.png", "0002.png", "grid.png"]
+    records = json.loads((out / "prompts.json").read_text())
+    assert [r["seed"] for r in records] == [5, 6, 7] and records[0]["prompt"] == "a lighthouse at night"
+    again = sample(ckpt, ["a lighthouse at night"], tmp_path / "again", seed=5, steps=2, device="cpu",
+                   height=32, width=32)
+    assert again["images"] == 1
+    assert (out / "0000.png").read_bytes() == (tmp_path / "again" / "0000.png").read_bytes()
