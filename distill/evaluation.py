@@ -1,0 +1,208 @@
+"""Evaluate a student on a prompt set: images, throughput, alignment scores and, on request, agreement with
+its teacher on the same prompts and seeds. Writes report.json, report.md and image grids.
+
+Agreement metrics compare what the teacher and the student make from identical noise: latent MSE (U-Net latent
+space, before the VAE), PSNR and SSIM of the decoded images in [0, 1]. They measure how faithfully the student
+imitates its teacher, not image quality; CLIP score and HPSv2 (when their weights are on disk) measure quality.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from distill.metrics import ClipScorer, ImageTextScorer, latent_mse, psnr, ssim
+from distill.sampling import (
+    DTYPES,
+    Generation,
+    LoadedSource,
+    generate,
+    image_grid,
+    load_source,
+    pick_device,
+    read_prompts,
+    resolve_settings,
+    save_images,
+    teacher_source_for,
+)
+
+PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; capped so the report stays valid JSON
+CLIP_HINT = ("CLIP score skipped: set eval.clip_model=/path/to/clip (a local transformers CLIPModel folder with its "
+             "processor, e.g. a save_pretrained copy of openai/clip-vit-large-patch14)")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation (mirrors conf/eval/default.yaml; None = the student family's default)."""
+
+    student: str = ""  # exported pipeline folder or checkpoint folder
+    teacher: str | None = None  # None: student only; a pipeline folder; "auto": the checkpoint's meta teacher
+    prompts: str = "smoke"  # "smoke", "eval" (shipped sets) or a text file, one prompt per line
+    max_prompts: int | None = None  # keep the first N prompts
+    seed: int = 0  # image i uses seed + i, for the student and the teacher alike
+    steps: int | None = None  # denoising steps
+    guidance_scale: float | None = None  # CFG weight
+    height: int | None = None  # px
+    width: int | None = None  # px
+    timestep_spacing: str | None = None  # "leading" / "trailing"; None keeps the source's scheduler
+    family: str | None = None  # teacher family for the defaults (inferred when None)
+    use_ema: bool = True  # sample a checkpoint's student_ema/ when present
+    batch_size: int = 4  # images per pipeline call
+    warmup_batches: int = 1  # untimed batches before throughput is measured
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
+    dtype: str = "fp32"  # fp32 / fp16 / bf16 (a force_upcast VAE still decodes in fp32)
+    clip_model: str | None = None  # local CLIP folder for CLIP score
+    hpsv2_checkpoint: str | None = None  # local HPSv2 .pt checkpoint (needs open_clip)
+    out_dir: str = "outputs/eval"  # where images and reports go
+    grid_max: int = 16  # prompts shown in the grids
+    wandb: bool = False  # log to W&B (scripts/eval.py)
+    wandb_project: str = "koala-distill"
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes copied into the report
+
+
+def build_clip_scorer(cfg: EvalConfig, device: torch.device) -> tuple[ClipScorer | None, str | None]:
+    """The CLIP scorer when cfg.clip_model exists on disk, else (None, one line saying how to provide it)."""
+    if not cfg.clip_model:
+        return None, CLIP_HINT
+    if not Path(cfg.clip_model).is_dir():
+        return None, f"CLIP score skipped: eval.clip_model={cfg.clip_model} is not a folder. " + CLIP_HINT
+    return ClipScorer(cfg.clip_model, device=device), None
+
+
+def _free(loaded: LoadedSource) -> None:
+    device = loaded.pipe.device
+    del loaded.pipe
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.double().mean()) if x.numel() else float("nan")
+
+
+def _model_summary(loaded: LoadedSource, gen: Generation, scheduler_spacing: str | None) -> dict[str, Any]:
+    return {
+        "source": str(loaded.path), "kind": loaded.kind, "family": loaded.family, "unet": loaded.unet_folder,
+        "step": loaded.step, "timestep_spacing": scheduler_spacing, "images": len(gen.images),
+        "seconds": gen.seconds, "images_per_s": gen.images_per_s,
+    }
+
+
+def pair_grid(teacher: Sequence[Image.Image], student: Sequence[Image.Image], max_rows: int) -> Image.Image:
+    """Rows: prompts; columns: teacher, student."""
+    pairs = [im for t, s in list(zip(teacher, student, strict=True))[:max_rows] for im in (t, s)]
+    return image_grid(pairs, cols=2)
+
+
+def run_eval(cfg: EvalConfig, scorers: Sequence[ImageTextScorer] = (), notes: Sequence[str] = ()) -> dict[str, Any]:
+    """Run one evaluation; write <out_dir>/{report.json, report.md, student/, teacher/, grids}; return the report.
+
+    scorers: extra image-text scorers (HPSv2 from scripts/eval.py); CLIP score is added here when
+    cfg.clip_model is set. notes: lines about skipped metrics, copied into the report.
+    """
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    prompts = read_prompts(cfg.prompts, cfg.max_prompts)
+    notes = list(notes)
+
+    student = load_source(cfg.student, family=cfg.family, use_ema=cfg.use_ema, device=device, dtype=dtype)
+    settings = resolve_settings(student.defaults, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                                height=cfg.height, width=cfg.width, timestep_spacing=cfg.timestep_spacing)
+    gen_s = generate(student.pipe, prompts, settings, seed=cfg.seed, batch_size=cfg.batch_size,
+                     warmup_batches=cfg.warmup_batches)
+    spacing = student.pipe.scheduler.config.get("timestep_spacing")
+    report: dict[str, Any] = {
+        "config": asdict(cfg), "prompts": len(prompts), "settings": asdict(settings),
+        "device": str(device), "dtype": cfg.dtype,
+        "student": _model_summary(student, gen_s, spacing),
+    }
+    files = {"student": save_images(gen_s, out / "student", grid_max=cfg.grid_max)}
+    teacher_src = teacher_source_for(student, cfg.teacher)
+    _free(student)
+
+    gen_t = None
+    if teacher_src is not None:
+        teacher = load_source(teacher_src[0], family=student.family, device=device, dtype=dtype,
+                              unet_file=teacher_src[1])
+        # The teacher runs with exactly the student's sampler, so differences come from the U-Nets alone.
+        gen_t = generate(teacher.pipe, prompts, resolve_settings(settings, timestep_spacing=spacing),
+                         seed=cfg.seed, batch_size=cfg.batch_size, warmup_batches=cfg.warmup_batches)
+        report["teacher"] = _model_summary(teacher, gen_t, teacher.pipe.scheduler.config.get("timestep_spacing"))
+        files["teacher"] = save_images(gen_t, out / "teacher", grid_max=cfg.grid_max)
+        pair = out / "grid_teacher_student.png"
+        pair_grid(gen_t.images, gen_s.images, cfg.grid_max).save(pair)
+        files["grid_teacher_student"] = {"grid": str(pair)}
+        _free(teacher)
+
+    per_image: dict[str, torch.Tensor] = {}
+    if gen_t is not None:
+        per_image["latent_mse"] = latent_mse(gen_t.latents, gen_s.latents)
+        per_image["psnr_db"] = psnr(gen_t.pixels, gen_s.pixels).clamp(max=PSNR_CAP_DB)
+        per_image["ssim"] = ssim(gen_t.pixels, gen_s.pixels)
+        report["agreement"] = {k: _mean(v) for k, v in per_image.items()}
+
+    clip, note = build_clip_scorer(cfg, device)
+    if note:
+        notes.append(note)
+    for scorer in ([clip] if clip else []) + list(scorers):
+        per_image[f"{scorer.name}_student"] = scorer(gen_s.images, prompts)
+        report["student"][scorer.name] = _mean(per_image[f"{scorer.name}_student"])
+        if gen_t is not None:
+            per_image[f"{scorer.name}_teacher"] = scorer(gen_t.images, prompts)
+            report["teacher"][scorer.name] = _mean(per_image[f"{scorer.name}_teacher"])
+
+    report["per_image"] = [
+        {"index": i, "seed": gen_s.seeds[i], "prompt": p, **{k: float(v[i]) for k, v in per_image.items()}}
+        for i, p in enumerate(prompts)
+    ]
+    report["notes"] = notes
+    report["files"] = files
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown_report(report))
+    return report
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The report as Markdown: a model table, an agreement table and the skipped-metric notes."""
+    s = report["settings"]
+    lines = [
+        f"Prompts: {report['prompts']} ({report['config']['prompts']}), seed {report['config']['seed']}, "
+        f"{s['steps']} steps, guidance {s['guidance_scale']}, {s['width']}x{s['height']} px, "
+        f"{report['device']} {report['dtype']}.",
+        "",
+        "| model | source | spacing | images | img/s | CLIP score | HPSv2 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for role in ("student", "teacher"):
+        m = report.get(role)
+        if m:
+            src = f"{m['source']} ({m['kind']}, {m['unet']})"
+            lines.append(f"| {role} | {src} | {m['timestep_spacing']} | {m['images']} | "
+                         f"{_fmt(m['images_per_s'])} | {_fmt(m.get('clip_score'), 2)} | {_fmt(m.get('hpsv2'), 4)} |")
+    if "agreement" in report:
+        a = report["agreement"]
+        lines += ["", "| teacher vs student (same seeds) | latent MSE | PSNR (dB) | SSIM |", "|---|---|---|---|",
+                  f"| mean over {report['prompts']} images | {_fmt(a['latent_mse'], 4)} | {_fmt(a['psnr_db'], 2)} | "
+                  f"{_fmt(a['ssim'], 4)} |"]
+    if report.get("notes"):
+        lines += ["", *[f"- {n}" for n in report["notes"]]]
+    return "\n".join(lines) + "\n"

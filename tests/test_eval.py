@@ -1,0 +1,150 @@
+"""Evaluation end to end on the tiny pipeline: agreement metrics, CLIP score from a local tiny CLIP, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from test_sampling import make_tiny_checkpoint
+
+from distill.evaluation import PSNR_CAP_DB, EvalConfig, run_eval
+from distill.metrics import Hpsv2Scorer, psnr, ssim
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_pipeline_dir):  # tests/conftest.py: built once per session
+    return tiny_pipeline_dir
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_dir, tmp_path_factory):
+    return make_tiny_checkpoint(tiny_dir, tmp_path_factory.getbasetemp() / "ckpt_tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random 2-layer CLIP (text + vision) with a processor, saved to disk and loaded back by path."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from distill.tiny import write_tokenizer_files
+
+    folder = tmp_path_factory.getbasetemp() / "tiny_clip"
+    tok = CLIPTokenizer.from_pretrained(write_tokenizer_files(folder / "src"), model_max_length=77)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(small, vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(small, image_size=32, patch_size=8),
+                                 projection_dim=16))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def test_eval_script_student_vs_teacher(ckpt, tiny_clip, tmp_path, monkeypatch):
+    from scripts.eval import main
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = tmp_path / "eval"
+    report = main([f"student={ckpt}", "teacher=auto", "prompts=smoke", "max_prompts=4", "steps=2",
+                   "height=32", "width=32", "batch_size=2", "warmup_batches=0", "device=cpu",
+                   f"eval.clip_model={tiny_clip}", f"out_dir={out}", "wandb=true"])
+    a = report["agreement"]
+    assert set(a) == {"latent_mse", "psnr_db", "ssim"} and all(math.isfinite(v) for v in a.values())
+    assert a["latent_mse"] > 0 and -1 <= a["ssim"] < 1 and a["psnr_db"] < PSNR_CAP_DB
+    for role in ("student", "teacher"):
+        m = report[role]
+        assert m["images"] == 4 and m["images_per_s"] > 0 and 0 <= m["clip_score"] <= 100
+    assert report["student"]["unet"] == "student_ema" and report["teacher"]["kind"] == "pipeline"
+    assert any(n.startswith("HPSv2 skipped") for n in report["notes"])
+    assert len(report["per_image"]) == 4 and "clip_score_teacher" in report["per_image"][0]
+    for f in ("report.json", "report.md", "grid_teacher_student.png", "student/grid.png", "teacher/grid.png"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "report.json").read_text())["agreement"] == a
+    md = (out / "report.md").read_text()
+    assert "| teacher vs student (same seeds) |" in md and "| student |" in md
+
+
+def test_teacher_against_itself_agrees_exactly(tiny_dir, tmp_path):
+    cfg = EvalConfig(student=str(tiny_dir), teacher=str(tiny_dir), max_prompts=1, steps=2, height=32, width=32,
+                     batch_size=1, warmup_batches=0, device="cpu", out_dir=str(tmp_path))
+    report = run_eval(cfg)
+    assert report["agreement"] == {"latent_mse": 0.0, "psnr_db": PSNR_CAP_DB, "ssim": pytest.approx(1.0)}
+    assert any(n.startswith("CLIP score skipped") for n in report["notes"])
+
+
+def test_psnr_ssim_match_skimage():
+    metrics = pytest.importorskip("skimage.metrics")
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 40, 48, generator=g)
+    b = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    ours_ssim, ours_psnr = ssim(a, b), psnr(a, b)
+    for i in range(2):
+        x, y = a[i].permute(1, 2, 0).numpy(), b[i].permute(1, 2, 0).numpy()
+        ref = metrics.structural_similarity(x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                            data_range=1.0, channel_axis=2)
+        assert ours_ssim[i].item() == pytest.approx(float(ref), abs=1e-5)
+        assert ours_psnr[i].item() == pytest.approx(metrics.peak_signal_noise_ratio(x, y, data_range=1.0), rel=1e-5)
+    assert ssim(a, a).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_hpsv2_missing_pieces_give_one_line(tmp_path):
+    from scripts.eval import load_hpsv2
+
+    for ckpt in (None, str(tmp_path / "missing.pt")):
+        scorer, note = load_hpsv2(ckpt, torch.device("cpu"))
+        assert scorer is None and note.startswith("HPSv2 skipped") and "\n" not in note
+    present = tmp_path / "hps.pt"
+    present.write_bytes(b"")
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        scorer, note = load_hpsv2(str(present), torch.device("cpu"))
+        assert scorer is None and "open_clip" in note
+
+
+def test_hpsv2_scorer_math_with_a_stand_in_model():
+    """The scoring arithmetic (normalised image . text features), with a tiny OpenCLIP-shaped model."""
+
+    class StandIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.img = torch.nn.Linear(3, 4)
+            self.txt = torch.nn.Embedding(10, 4)
+
+        def encode_image(self, x):
+            return self.img(x.mean((2, 3)))
+
+        def encode_text(self, ids):
+            return self.txt(ids).mean(1)
+
+    from PIL import Image
+
+    def preprocess(im):
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
+
+    def tokenizer(texts):
+        return torch.tensor([[len(t) % 10, 1] for t in texts])
+
+    scorer = Hpsv2Scorer(StandIn(), preprocess, tokenizer, batch_size=2)
+    images = [Image.new("RGB", (8, 8), (i * 60, 20, 200)) for i in range(3)]
+    scores = scorer(images, ["a", "bb", "ccc"])
+    assert scores.shape == (3,) and bool((scores.abs() <= 1 + 1e-6).all())
+
+
+def test_config_rejects_unknown_keys():
+    from omegaconf.errors import ConfigKeyError
+
+    from scripts.eval import load_config
+
+    cfg = load_config(["student=x", "eval.steps=3"])
+    assert cfg.student == "x" and cfg.steps == 3 and cfg.prompts == "smoke"
+    with pytest.raises(ConfigKeyError):
+        load_config(["studnet=x"])
