@@ -4,9 +4,10 @@ Measured at batch 1 with classifier-free guidance (the U-Net sees batch 2), prom
 encoders are not timed): for each U-Net (SDXL, KOALA-1B, KOALA-700M; random weights unless a path is given)
 the whole `steps`-step Euler loop; the VAE decode of one image; and the full "U-Net with CFG x steps + VAE decode"
 image for one model. Latency is the median over `repeats` runs after `warmup` runs, timed with CUDA events on a
-GPU (perf_counter on the CPU); peak memory is torch.cuda.max_memory_allocated over the measurement (weights
-included). Speed switches: fp16/bf16, channels_last, fused QKV projections, torch.compile (whole model or per
-block, any mode; "max-autotune"/"reduce-overhead" add CUDA graphs), inductor tuning flags, SDPA backend.
+GPU (perf_counter on the CPU); peak memory is torch.cuda.max_memory_allocated over the timed runs (weights
+included, warm-up and compilation excluded). Speed switches: fp16/bf16, channels_last, fused QKV projections,
+torch.compile (whole model or per block, any mode; "max-autotune"/"reduce-overhead" add CUDA graphs), inductor
+tuning flags, SDPA backend.
 
 With `tiny=True` the same code runs the tiny teacher and its students at 64 px so the CPU tests cover it.
 """
@@ -235,11 +236,11 @@ def sdpa_backend(name: str) -> Iterator[None]:
 def time_it(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> Timing:
     """Median latency of fn() after warm-up: CUDA events on a GPU, perf_counter on the CPU."""
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         fn()
+    if cuda:  # the peak is taken after warm-up so compilation and autotuning workspaces are not counted
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
         if cuda:
@@ -288,8 +289,10 @@ def denoise(unet: torch.nn.Module, scheduler: EulerDiscreteScheduler, latents: t
 
 
 @torch.no_grad()
-def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+def decode(vae: AutoencoderKL, latents: torch.Tensor, cuda_graphs: bool = False) -> torch.Tensor:
     """Latents (scaled space) -> image in [-1, 1], in the VAE's dtype."""
+    if cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()
     return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
 
 
@@ -348,11 +351,15 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         # Each row's peak memory counts only what it needs resident: the VAE alone, a U-Net alone, or both
         # (the image row, which loads the VAE again next to its U-Net).
         if cfg.vae:
-            vae = speed_up_vae(load_vae(cfg.tiny, cfg.vae_path, device, dtype), opts)
+            vae = load_vae(cfg.tiny, cfg.vae_path, device, dtype)
+            vae_params = count_params(vae)
+            vae = speed_up_vae(vae, opts)
             if vae_factor(vae) != factor:
                 raise ValueError(f"the VAE's spatial factor is {vae_factor(vae)}, expected {factor}")
-            t = time_it(lambda: decode(vae, latents.to(memory_format=memory)), device, cfg.warmup, cfg.repeats)
-            rows.append(_row("vae", "vae_decode", None, cfg.resolution, t, params=count_params(vae)))
+            graphs = opts.cuda_graphs and opts.compile_vae
+            t = time_it(lambda: decode(vae, latents.to(memory_format=memory), graphs), device, cfg.warmup,
+                        cfg.repeats)
+            rows.append(_row("vae", "vae_decode", None, cfg.resolution, t, params=vae_params))
             log(f"vae decode {cfg.resolution}px: {t.median_s * 1000:.1f} ms")
             del vae
             _free()
@@ -367,8 +374,9 @@ def _bench_unet(cfg: BenchConfig, name: str, config: dict[str, Any], latents: to
                 log: Callable[[str], None]) -> list[dict[str, Any]]:
     """The U-Net rows of one model (one per step count) and, for cfg.image_model, the full-image row."""
     opts, dtype, rows = cfg.speed, DTYPES[cfg.speed.dtype], []
-    unet = speed_up_unet(load_unet(config, cfg.unet_paths.get(name), device, dtype, cfg.seed), opts)
-    params = count_params(unet)
+    unet = load_unet(config, cfg.unet_paths.get(name), device, dtype, cfg.seed)
+    params = count_params(unet)  # before fuse_qkv, which adds fused copies of the projections
+    unet = speed_up_unet(unet, opts)
     cond = conditioning(config, cfg.resolution, device, dtype, cfg.seed)
     scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
 
@@ -382,7 +390,8 @@ def _bench_unet(cfg: BenchConfig, name: str, config: dict[str, Any], latents: to
             log(f"{name} U-Net x{steps} (CFG): {t.median_s:.4f} s")
     if name == cfg.image_model:
         vae = speed_up_vae(load_vae(cfg.tiny, cfg.vae_path, device, dtype), opts)
-        t = time_it(lambda: decode(vae, unet_loop(cfg.image_steps)), device, cfg.warmup, cfg.repeats)
+        graphs = opts.cuda_graphs and opts.compile_vae
+        t = time_it(lambda: decode(vae, unet_loop(cfg.image_steps), graphs), device, cfg.warmup, cfg.repeats)
         rows.append(_row(name, "image", cfg.image_steps, cfg.resolution, t, params=params))
         log(f"{name} image ({cfg.image_steps} steps + decode): {t.median_s:.4f} s")
     return rows

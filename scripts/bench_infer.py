@@ -67,7 +67,7 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
                  compile_backend=a.compile_backend, fullgraph=a.fullgraph, cuda_graphs=a.cuda_graphs,
                  inductor_tuning=a.inductor_tuning, sdpa=a.sdpa, compile_vae=not a.no_compile_vae)
     if a.fast:
-        speed.update(FAST, dtype=a.dtype or FAST["dtype"])
+        speed.update(FAST, dtype=speed["dtype"])  # fp16 on a GPU unless --dtype says otherwise; fp32 on the CPU
     unet_paths = dict(item.split("=", 1) for item in a.unet)
     bad = sorted(set(unet_paths) - set(MODELS))
     if bad:

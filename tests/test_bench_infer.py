@@ -65,6 +65,7 @@ def test_speed_switches_keep_the_result():
         with sdpa_backend(opts.sdpa):
             results.append(denoise(unet, scheduler, x, cond, steps=1, guidance_scale=5.0))
     assert torch.allclose(results[0], results[1], atol=1e-3)
+    assert any(type(m.processor).__name__.startswith("Fused") for m in unet.modules() if hasattr(m, "processor"))
 
 
 def test_cuda_graphs_need_compile():
