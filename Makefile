@@ -48,5 +48,27 @@ demo: $(STAMP) demo-data tiny  ## distill the tiny student on the CPU, export it
 	WANDB_MODE=offline $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no train/main.py +experiment=demo $(ARGS)
 
+data: $(STAMP)  ## make data SRC=images/|manifest.parquet|img2dataset_out/ OUT=shards/ [ARGS="--min-side 1024"]
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make data SRC=... OUT=... [ARGS=...]"; exit 2; }
+	$(PY) scripts/prep_data.py --src "$(SRC)" --out "$(OUT)" $(ARGS)
+
+latents: $(STAMP) tiny demo-data  ## defaults: the tiny teacher on the demo shards at 64 px
+	$(PY) scripts/make_latents.py --pipeline $(or $(PIPELINE),outputs/tiny_sdxl) \
+		--shards $(or $(SHARDS),outputs/demo_data) --out $(or $(OUT),outputs/demo_latents) \
+		$(or $(ARGS),--resolution 64 --batch-size 4)
+
+sample: $(STAMP) tiny  ## images + grid, e.g. ARGS="--source runs/demo/export --prompts smoke"
+	$(PY) scripts/sample.py $(or $(ARGS),--source outputs/tiny_sdxl --prompts smoke --out outputs/samples)
+
+eval: $(STAMP) tiny  ## e.g. ARGS="student=runs/demo/export teacher=auto prompts=eval clip_model=/models/clip"
+	WANDB_MODE=$(or $(WANDB_MODE),offline) $(PY) scripts/eval.py \
+		$(or $(ARGS),student=outputs/tiny_sdxl teacher=outputs/tiny_sdxl prompts=smoke out_dir=outputs/eval)
+
+bench-data: $(STAMP)  ## loader throughput per worker (JSON)
+	$(PY) scripts/bench_data.py $(ARGS)
+
+bench-infer: $(STAMP)  ## model-card latency table (tiny shapes without a GPU); ARGS="--fast" for every switch
+	$(PY) scripts/bench_infer.py $(ARGS)
+
 clean:
 	rm -rf runs outputs .pytest_cache .ruff_cache

@@ -29,8 +29,8 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
 from distill.students import STUDENTS, StudentSpec, count_params, derive_student_config, sdxl_base_unet_config
+from distill.teachers import DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT_TOKENS = 77  # CLIP context length: the cross-attention sequence
 N_TIME_IDS = 6  # SDXL micro-conditioning numbers per image
 MODELS = ("sdxl", "koala_1b", "koala_700m")

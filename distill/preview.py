@@ -8,15 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-
-def image_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
-    """Paste equally sized images row by row into one image."""
-    w, h = images[0].size
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    return grid
+from distill.sampling import image_grid
 
 
 @torch.no_grad()

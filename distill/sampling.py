@@ -25,6 +25,8 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 
+from distill.teachers import DTYPES
+
 
 @dataclass(frozen=True)
 class SamplerDefaults:
@@ -56,7 +58,6 @@ SAMPLER_DEFAULTS: dict[str, SamplerDefaults] = {
     "tiny": SamplerDefaults("euler", "leading", 4, 3.5, 64),
 }
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHECKPOINT_META = "meta.json"
 EXPORT_SAMPLER_FILE = "koala_sampler.json"  # written by train/export.py next to model_index.json
 TINY_MARKER = "tiny_build.json"  # written by distill/tiny.py

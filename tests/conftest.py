@@ -43,3 +43,13 @@ def tiny_unets(tiny_pipeline_dir):
     student = build_unet(derive_student_config(dict(teacher.config), STUDENTS["tiny"]))
     init_student_from_teacher(student, teacher)
     return teacher, student
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """The demo dataset (scikit-image photos + written captions) as shards, built once per session."""
+    from data.demo import build_demo_shards
+
+    out = tmp_path_factory.mktemp("demo_data")
+    build_demo_shards(str(out))
+    return out

@@ -56,22 +56,23 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     (["+experiment=koala_1b"], "teacher.path is not set"),
     (["+experiment=koala_lightning_1b", "teacher.path=/nonexistent"], "teacher.path=/nonexistent"),
     (["+experiment=koala_lightning_1b", f"teacher.path={CONF_DIR}"], "teacher.unet_file is not set"),
-    (["+experiment=koala_1b", f"teacher.path={CONF_DIR}"], "data.shards is not set"),
+    (["+experiment=koala_1b", f"teacher.path={CONF_DIR}", "data.shards=''"], "data.shards is not set"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10"),
     (["teacher.timesteps=random"], "teacher.timesteps"),
     (["data.shards='/nonexistent/{0..3}.tar'"], "data.shards"),
+    (["data.resampled=false", "data.num_workers=8"], "re-shard"),
     (["student=custom", "student.layers_per_block=[1,1,1]", "student.transformer_layers_per_block=[1,2,9]",
       "student.mid_block=true"], "transformer depth 9"),
 ])
-def test_semantic_errors_before_any_model(override, needle):
-    cfg = load_config(override)
+def test_semantic_errors_before_any_model(override, needle, demo_shards):
+    cfg = load_config([f"data.shards={demo_shards}", *override])
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
-def test_batch_divisibility_depends_on_processes():
-    cfg = load_config(["train.global_batch_size=8", "train.micro_batch_size=2", "data.shards=" + str(CONF_DIR)])
+def test_batch_divisibility_depends_on_processes(demo_shards):
+    cfg = load_config(["train.global_batch_size=8", "train.micro_batch_size=2", f"data.shards={demo_shards}"])
     validate(cfg, world_size=2)
     with pytest.raises(ConfigError, match="3 x 2"):
         validate(cfg, world_size=3)

@@ -146,3 +146,32 @@ class SampleGrid(Callback):
             self.last_path = path
             run.log_image("samples/teacher_vs_student", path)
         run.accelerator.wait_for_everyone()
+
+
+class Audit(Callback):
+    """Per rank, one JSON line per step (step, LR, the sample keys it consumed) in <run>/audit/rank<r>.jsonl,
+    and at the end the SHA-256 of the student's weights: evidence that a resumed or multi-process run consumed
+    each sample once and ended with the same weights. Lines of steps redone after a resume appear again; the
+    last line of a step counts."""
+
+    def on_start(self, run: Run) -> None:
+        self.path = run.output_dir / "audit" / f"rank{run.accelerator.process_index}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_step_end(self, run: Run, losses: dict[str, Tensor]) -> None:
+        import json
+
+        line = {"step": run.state.step, "lr": run.lr_scheduler.get_last_lr()[0], "keys": run.last_keys}
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def on_end(self, run: Run) -> None:
+        import hashlib
+        import json
+
+        digest = hashlib.sha256()
+        for name, tensor in sorted(run.unwrapped.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        out = self.path.with_name(self.path.stem + "_final.json")
+        out.write_text(json.dumps({"step": run.state.step, "weights_sha256": digest.hexdigest()}))

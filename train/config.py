@@ -5,8 +5,6 @@ Every failure here is one line (`ConfigError`) naming the key, raised before any
 
 from __future__ import annotations
 
-import glob
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +59,7 @@ class TrainConfig:
     sample_seed: int = 0  # seed of the fixed sample noise
     max_nonfinite: int = 10  # consecutive non-finite losses/gradients before the run stops
     export: bool = True  # write a complete SDXL pipeline folder with the student at the end
+    audit: bool = False  # write <run>/audit/rank<r>.jsonl: sample keys and LR of every step, final weight hash
 
 
 @dataclass
@@ -144,17 +143,6 @@ _CHOICES = {
 }
 
 
-def _shards_exist(spec: str) -> bool:
-    """Whether a shard spec names at least one shard (brace patterns and globs on local disk; pipe: trusted)."""
-    if spec.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
-        return True
-    from braceexpand import braceexpand
-
-    return any(
-        os.path.exists(p) or glob.glob(p) for part in spec.split("::") for p in braceexpand(part.strip())
-    )
-
-
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Semantic checks that need no model: choices, paths, shards, student vs teacher, batch arithmetic.
 
@@ -198,8 +186,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     shards = cfg.data.shards
     if not shards:
         raise ConfigError("data.shards is not set: a brace pattern, folder or pipe: command of webdataset shards")
-    if not _shards_exist(str(shards)):
-        raise ConfigError(f"data.shards={shards} matched no shard on disk")
+    _check_data(cfg, world_size)
     if tr.resume not in (None, "latest") and not Path(tr.resume).is_dir():
         raise ConfigError(f"train.resume={tr.resume} is neither 'latest' nor a checkpoint folder")
 
@@ -207,6 +194,24 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
 def grad_accum_steps(cfg: DictConfig, world_size: int) -> int:
     """Micro-batches accumulated per optimizer step so that the global batch holds for any process count."""
     return cfg.train.global_batch_size // (world_size * cfg.train.micro_batch_size)
+
+
+def _check_data(cfg: DictConfig, world_size: int) -> None:
+    """The data stream's own checks, and enough shards for every reader in non-resampled mode."""
+    from data.config import to_data_config, validate_config
+    from data.stream import expand_shards
+
+    try:
+        validate_config(to_data_config(cfg.data))
+        shards = expand_shards(cfg.data.shards)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"data.shards={cfg.data.shards}: {str(exc).splitlines()[0]}") from exc
+    readers = world_size * max(1, cfg.data.num_workers)
+    if not cfg.data.resampled and len(shards) < readers:
+        raise ConfigError(
+            f"data.shards has {len(shards)} shards for {world_size} processes x {max(1, cfg.data.num_workers)} "
+            f"workers = {readers} readers: set data.resampled=true, lower data.num_workers, or re-shard"
+        )
 
 
 def _check_student(cfg: DictConfig) -> None:

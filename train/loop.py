@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from train import checkpoint as ckpt
-from train.callbacks import EMA, Callback, SampleGrid, ScalarLogger
+from train.callbacks import EMA, Audit, Callback, SampleGrid, ScalarLogger
 from train.config import grad_accum_steps
 
 
@@ -109,6 +110,7 @@ class Run:
     callbacks: list[Callback]
     ema: EMA | None = None
     loader_iter: Any = None
+    last_keys: list[str] = field(default_factory=list)  # sample keys of the last step (this rank)
     last_grad_norm: float | None = None
     stop: StopFlag = field(default_factory=StopFlag)
     _components: dict[str, Any] | None = None
@@ -268,7 +270,7 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     if use_wandb:
         import wandb
 
-        state.wandb_run_id = state.wandb_run_id or wandb.util.generate_id()
+        state.wandb_run_id = state.wandb_run_id or uuid.uuid4().hex[:8]  # kept in checkpoints
         accelerator.init_trackers(
             cfg.tracking.project, config=OmegaConf.to_container(cfg, resolve=True),
             init_kwargs={"wandb": {"id": state.wandb_run_id, "resume": "allow", "dir": str(output_dir),
@@ -282,7 +284,7 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     if main:
         (output_dir / "feature_pairs.txt").write_text(format_pairs(pairs) + "\n")
     cbs: list[Callback] = [*([ema] if ema else []), ScalarLogger(tr.log_every, show_progress),
-                           SampleGrid(tr.sample_every)]
+                           SampleGrid(tr.sample_every), *([Audit()] if tr.audit else [])]
     return Run(cfg=cfg, accelerator=accelerator, teacher=teacher, student=prepared, distiller=distiller,
                optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader, state=state, output_dir=output_dir,
                accum=accum, callbacks=cbs + list(callbacks or []), ema=ema)
@@ -313,7 +315,8 @@ def save_checkpoint(run: Run) -> Path:
     path = ckpt.checkpoint_root(run.output_dir) / ckpt.checkpoint_name(step)
     if acc.is_main_process:
         meta = {"step": step, "samples_seen": run.state.samples_seen, "teacher_name": run.cfg.teacher.name,
-                "teacher_path": str(run.teacher.path), "wandb_run_id": run.state.wandb_run_id,
+                "teacher_path": str(run.teacher.path),
+                "teacher_unet_file": run.cfg.teacher.unet_file, "wandb_run_id": run.state.wandb_run_id,
                 "world_size": acc.num_processes, "config": OmegaConf.to_container(run.cfg, resolve=True)}
         path = ckpt.finalize(run.output_dir, step, meta, run.cfg.train.keep_last)
     acc.wait_for_everyone()
@@ -332,8 +335,10 @@ def train_one_step(run: Run) -> dict[str, torch.Tensor]:
     acc, st = run.accelerator, run.state
     sums: dict[str, torch.Tensor] = {}
     applied = False
+    run.last_keys = []
     for micro in range(run.accum):
         batch = next(run.loader_iter)
+        run.last_keys.extend(batch.get("keys", []))
         gen = step_generator(run.cfg.train.seed, acc.process_index, st.step, micro, acc.device)
         with acc.accumulate(run.student):
             with acc.autocast():

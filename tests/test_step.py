@@ -1,0 +1,82 @@
+"""The distillation step and the KOALA loss on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from distill.config import DistillConfig, TeacherConfig
+from distill.features import match_features
+from distill.losses import koala_loss
+from distill.step import Distiller, UNetInputs
+from distill.teachers import load_teacher, trailing_timesteps
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_pipeline_dir):
+    tcfg = OmegaConf.structured(TeacherConfig(path=str(tiny_pipeline_dir), dtype="fp32"))
+    return tcfg, load_teacher(tcfg)
+
+
+def _inputs(bundle, batch=2, seed=0) -> UNetInputs:
+    g = torch.Generator().manual_seed(seed)
+    cfg = bundle.unet.config
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    return UNetInputs(latents=torch.randn(batch, 4, 32, 32, generator=g),
+                      prompt_embeds=torch.randn(batch, 77, cfg.cross_attention_dim, generator=g),
+                      pooled=torch.randn(batch, pooled, generator=g),
+                      time_ids=torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch))
+
+
+def test_kd_loss_exactly_zero_for_a_same_architecture_copy(teacher):
+    tcfg, bundle = teacher
+    student = copy.deepcopy(bundle.unet).requires_grad_(True)
+    pairs = match_features(bundle.unet, student)
+    step = Distiller(bundle, student, pairs, tcfg, OmegaConf.structured(DistillConfig()))
+    losses = step.forward(_inputs(bundle), torch.Generator().manual_seed(1))
+    step.close()
+    assert losses["out_kd"].item() == 0.0 and losses["feat_kd"].item() == 0.0 and losses["kd"].item() == 0.0
+    assert len([k for k in losses if k.startswith("feat/")]) == len(pairs) > 0
+    assert losses["task"].item() > 0  # the denoising loss against the true noise is not zero
+    assert losses["total"].item() == pytest.approx(losses["task"].item())
+
+
+def test_kd_loss_positive_for_the_koala_student_and_terms_add_up(teacher, tiny_unets):
+    tcfg, bundle = teacher
+    _, student = tiny_unets
+    student = copy.deepcopy(student)
+    dcfg = OmegaConf.structured(DistillConfig(w_task=0.5, w_out=2.0, w_feat=3.0))
+    step = Distiller(bundle, student, match_features(bundle.unet, student), tcfg, dcfg)
+    losses = step.forward(_inputs(bundle), torch.Generator().manual_seed(1))
+    step.close()
+    feats = sum(v for k, v in losses.items() if k.startswith("feat/"))
+    assert losses["out_kd"] > 0 and losses["feat_kd"] > 0
+    torch.testing.assert_close(losses["feat_kd"], feats)
+    torch.testing.assert_close(losses["total"], 0.5 * losses["task"] + 2 * losses["out_kd"] + 3 * feats)
+    losses["total"].backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_same_generator_same_losses(teacher, tiny_unets):
+    tcfg, bundle = teacher
+    student = copy.deepcopy(tiny_unets[1])
+    step = Distiller(bundle, student, match_features(bundle.unet, student), tcfg,
+                     OmegaConf.structured(DistillConfig()))
+    a = step.forward(_inputs(bundle), torch.Generator().manual_seed(7))
+    b = step.forward(_inputs(bundle), torch.Generator().manual_seed(7))
+    c = step.forward(_inputs(bundle), torch.Generator().manual_seed(8))
+    step.close()
+    assert a["total"].item() == b["total"].item() != c["total"].item()
+
+
+def test_loss_shape_mismatch_is_an_error():
+    x = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="feature a"):
+        koala_loss(x, x, x, {"a": torch.zeros(1, 3)}, {"a": torch.zeros(1, 4)})
+
+
+def test_trailing_grid():
+    assert trailing_timesteps(1000, 4) == [999, 749, 499, 249]

@@ -1,0 +1,182 @@
+"""The trainer in-process on the tiny teacher and the demo shards: the KD loss falls, resume is exact, the export
+loads in diffusers, numerical faults are skipped and counted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from train.config import load_config, validate
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process run gets a fresh Accelerate singleton state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def tiny_cfg(out, shards, tiny_dir, *extra: str):
+    cfg = load_config([
+        "+experiment=demo", f"train.output_dir={out}", f"data.shards={shards}", f"teacher.path={tiny_dir}",
+        "data.num_workers=0", "tracking=none", "train.micro_batch_size=2", "train.global_batch_size=2",
+        "train.export=false", "train.log_every=5", *extra,
+    ])
+    validate(cfg)
+    return cfg
+
+
+def run_cfg(cfg, callbacks=None, patch=None):
+    from train.loop import setup, train
+
+    run = setup(cfg, callbacks=callbacks, show_progress=False)
+    if patch:
+        patch(run)
+    return run, train(run)
+
+
+def test_thirty_steps_lower_the_kd_loss(tmp_path, demo_shards, tiny_pipeline_dir):
+    cfg = tiny_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=30",
+                   "train.checkpoint_every=0", "train.ema=false")
+    run, summary = run_cfg(cfg)
+    assert summary["steps"] == 30 and not summary["preempted"]
+    first, last = run.state.kd_first, run.state.kd_last
+    assert len(first) == len(last) == 20
+    assert summary["kd_loss_last"] < 0.8 * summary["kd_loss_first"]
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert "sa/UP-1.1.1" in (tmp_path / "run" / "feature_pairs.txt").read_text()
+    assert summary["samples"] and (tmp_path / "run" / "samples").is_dir()
+
+
+def _state(run):
+    opt = run.optimizer.state_dict()
+    return {
+        "student": {k: v.clone() for k, v in run.unwrapped.state_dict().items()},
+        "ema": [p.clone() for p in run.ema.model.shadow_params],
+        "exp_avg": [s["exp_avg"].clone() for s in opt["state"].values()],
+        "lr_step": run.lr_scheduler.last_epoch,
+        "step": run.state.step,
+        "data": run.loader.state_dict(),
+    }
+
+
+class StopAt:
+    """Raise inside the loop at a given step, like a kill after a checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_start(self, run): ...
+    def on_update(self, run): ...
+    def on_end(self, run): ...
+
+    def on_step_end(self, run, losses):
+        if run.state.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_restores_everything_and_matches_an_uninterrupted_run(tmp_path, demo_shards, tiny_pipeline_dir):
+    common = ("train.max_steps=8", "train.checkpoint_every=4", "train.lr_schedule=cosine",
+              "train.warmup_steps=2", "train.ema=true")
+    full_run, _ = run_cfg(tiny_cfg(tmp_path / "full", demo_shards, tiny_pipeline_dir, *common))
+    full = _state(full_run)
+
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_cfg(tiny_cfg(out, demo_shards, tiny_pipeline_dir, *common), callbacks=[StopAt(6)])
+    from train.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(out).name == "step_000000004"
+    resumed_run, summary = run_cfg(tiny_cfg(out, demo_shards, tiny_pipeline_dir, *common, "train.resume=latest"))
+    resumed = _state(resumed_run)
+    assert summary["steps"] == 8 and resumed["step"] == full["step"] == 8
+    assert resumed["lr_step"] == full["lr_step"]
+    assert resumed["data"]["batches"] == full["data"]["batches"]
+    for k, v in full["student"].items():
+        torch.testing.assert_close(resumed["student"][k], v, rtol=0, atol=1e-6)
+    for a, b in zip(resumed["ema"], full["ema"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(resumed["exp_avg"], full["exp_avg"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_export_loads_in_diffusers_and_makes_an_image(tmp_path, demo_shards, tiny_pipeline_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    cfg = tiny_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=2", "train.export=true",
+                   "teacher.sampler.timestep_spacing=trailing", "train.ema=false")
+    run, summary = run_cfg(cfg)
+    pipe = StableDiffusionXLPipeline.from_pretrained(summary["export_dir"])
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    for k, v in run.unwrapped.state_dict().items():
+        assert torch.equal(pipe.unet.state_dict()[k], v), k
+    image = pipe("a cat on a sofa", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert json.loads((tmp_path / "run" / "export" / "koala_sampler.json").read_text())["num_inference_steps"] == 4
+
+
+def _inject_nan(at_steps):
+    def patch(run):
+        inner = run.distiller
+
+        def step(batch, gen):
+            losses = inner(batch, gen)
+            if run.state.step in at_steps:
+                losses["total"] = losses["total"] * float("nan")
+            return losses
+
+        run.distiller = step
+    return patch
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, demo_shards, tiny_pipeline_dir):
+    cfg = tiny_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=4", "train.ema=false")
+    seen = {}
+
+    class Snap(StopAt):
+        def on_step_end(self, run, losses):
+            seen[run.state.step] = {k: v.clone() for k, v in run.unwrapped.state_dict().items()}
+
+    run, summary = run_cfg(cfg, callbacks=[Snap(0)], patch=_inject_nan({1}))
+    assert run.state.nonfinite_total == 1 and run.state.nonfinite_run == 0
+    # the update of the NaN step (step index 1 -> state.step 2) was skipped: weights unchanged
+    assert all(torch.equal(seen[2][k], seen[1][k]) for k in seen[1])
+    assert not all(torch.equal(seen[3][k], seen[2][k]) for k in seen[2])
+    assert all(torch.isfinite(v).all() for v in seen[4].values())
+
+
+def test_too_many_nonfinite_in_a_row_stop_cleanly(tmp_path, demo_shards, tiny_pipeline_dir):
+    from train.checkpoint import latest_checkpoint
+    from train.loop import NonFiniteError
+
+    cfg = tiny_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=10",
+                   "train.checkpoint_every=2", "train.max_nonfinite=3", "train.ema=false")
+    with pytest.raises(NonFiniteError, match="3 consecutive"):
+        run_cfg(cfg, patch=_inject_nan({3, 4, 5, 6, 7, 8, 9}))
+    ckpt = latest_checkpoint(tmp_path / "run")
+    # NaN from step index 3: the streak reaches 3 at step 6, which stops before its checkpoint; the one of
+    # step 4 (one skipped update, finite weights) is the latest and loads
+    assert ckpt.name == "step_000000004"
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(ckpt / "student")
+    assert all(torch.isfinite(p).all() for p in unet.parameters())
+
+
+def test_missing_teacher_path_is_one_line(tiny_pipeline_dir):
+    from omegaconf import OmegaConf
+
+    from distill.config import TeacherConfig
+    from distill.teachers import TeacherError, load_teacher
+
+    with pytest.raises(TeacherError, match=r"^teacher.path=/nope does not exist") as info:
+        load_teacher(OmegaConf.structured(TeacherConfig(name="sdxl_base", path="/nope")))
+    assert "\n" not in str(info.value)
