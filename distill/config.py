@@ -34,6 +34,8 @@ class TeacherConfig:
     trailing_steps: int = 4  # size of the trailing grid when timesteps=trailing (4 -> 999, 749, 499, 249)
     num_train_timesteps: int = 1000  # length of the discrete DDPM schedule
     dtype: str = "bf16"  # dtype the frozen teacher U-Net is held in: bf16 | fp16 | fp32
+    random_init: bool = False  # benchmarks only: a randomly initialised U-Net of unet_config's shapes, no
+    # VAE or text encoders (needs data.kind=latents); timing and memory do not depend on the weights' values
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
 

@@ -32,12 +32,12 @@ class UNetInputs:
 
 def prepare_inputs(
     batch: dict[str, Any], teacher: TeacherBundle, *, device: torch.device, generator: torch.Generator,
-    caption_dropout: float = 0.0,
+    caption_dropout: float = 0.0, empty_prompt: tuple[Tensor, Tensor] | None = None,
 ) -> UNetInputs:
     """Turn a raw (pixels + captions) or precomputed (latents + embeddings) batch into U-Net conditioning.
 
-    Caption dropout replaces a raw caption with "" (SDXL's unconditional prompt); for precomputed embeddings,
-    where the text encoders are not loaded, the dropped rows are zeroed instead.
+    Caption dropout replaces a caption with "" (SDXL's unconditional prompt); for precomputed embeddings the
+    dropped rows take `empty_prompt` = (prompt embeds [77, D], pooled [P]) of "", saved by `make latents`.
     """
     n = len(batch["captions"])
     drop = torch.rand(n, generator=generator, device=generator.device) < caption_dropout
@@ -47,9 +47,11 @@ def prepare_inputs(
         prompt = batch["prompt_embeds"].to(device, torch.float32)
         pooled = batch["pooled_prompt_embeds"].to(device, torch.float32)
         if caption_dropout > 0:
-            keep = (~drop).float()
-            prompt = prompt * keep[:, None, None]
-            pooled = pooled * keep[:, None]
+            if empty_prompt is None:
+                raise ValueError("caption dropout on latent shards needs the empty caption's embeddings "
+                                 "(empty_prompt.npz, written by make latents)")
+            prompt = torch.where(drop[:, None, None], empty_prompt[0].to(device), prompt)
+            pooled = torch.where(drop[:, None], empty_prompt[1].to(device), pooled)
     else:
         if teacher.vae is None or not teacher.text_encoders:
             raise ValueError("a raw batch needs the teacher's VAE and text encoders (data.kind=raw loads them)")
@@ -77,12 +79,14 @@ class Distiller:
         dcfg: Any,
         *,
         student_unwrapped: torch.nn.Module | None = None,
+        empty_prompt: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         self.teacher = teacher
         self.student = student
         self.pairs = list(pairs)
         self.tcfg = tcfg
         self.dcfg = dcfg
+        self.empty_prompt = empty_prompt
         self.tap_t, self.tap_s = tap_pair(teacher.unet, student_unwrapped or student, self.pairs)
 
     @property
@@ -98,7 +102,7 @@ class Distiller:
         """One forward of teacher and student on a batch; returns koala_loss's dict (see distill.losses)."""
         device = self.teacher.unet.device
         inputs = prepare_inputs(batch, self.teacher, device=device, generator=generator,
-                                caption_dropout=self.dcfg.caption_dropout)
+                                caption_dropout=self.dcfg.caption_dropout, empty_prompt=self.empty_prompt)
         return self.forward(inputs, generator)
 
     def forward(self, x: UNetInputs, generator: torch.Generator) -> dict[str, Tensor]:

@@ -57,7 +57,7 @@ class TeacherBundle:
 
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
-    path: Path
+    path: Path | None
     vae: AutoencoderKL | None = None
     tokenizers: list[Any] = field(default_factory=list)
     text_encoders: list[torch.nn.Module] = field(default_factory=list)
@@ -104,6 +104,8 @@ def load_teacher(
     """
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    if tcfg.random_init:
+        return random_teacher(tcfg, device=device, dtype=unet_dtype)
     path = teacher_pipeline_dir(tcfg)
     unet = load_teacher_unet(tcfg, path, device, dtype=unet_dtype)
     sched_cfg = DDPMScheduler.load_config(str(path), subfolder="scheduler")
@@ -124,6 +126,27 @@ def load_teacher(
             _frozen(CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder_2"), device, tdtype),
         ]
     return bundle
+
+
+# SDXL-Base's training noise schedule (its scheduler config), for teachers built without a folder.
+SDXL_NOISE_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+
+def random_teacher(tcfg: Any, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                   std: float = 0.02, seed: int = 0) -> TeacherBundle:
+    """A teacher U-Net of teacher.unet_config's shapes with N(0, std) weights and SDXL's noise schedule (no
+    VAE or text encoders): for benchmarks at real shapes without weights on disk."""
+    from distill.students import build_unet
+
+    unet = build_unet(teacher_unet_config(tcfg), "meta").to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0.0, std, generator=gen)
+    unet = _frozen(unet, device, dtype or DTYPES[tcfg.dtype])
+    scheduler = DDPMScheduler(num_train_timesteps=tcfg.num_train_timesteps, prediction_type=tcfg.prediction_type,
+                              **SDXL_NOISE_SCHEDULE)
+    return TeacherBundle(unet=unet, noise_scheduler=scheduler, path=None)
 
 
 def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:

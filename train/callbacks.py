@@ -130,6 +130,8 @@ class SampleGrid(Callback):
         self.draw(run)
 
     def draw(self, run: Run) -> None:
+        if run.teacher.path is None:  # a random-weight benchmark teacher has no pipeline to sample with
+            return
         if run.accelerator.is_main_process:
             from distill.preview import teacher_student_grid
 

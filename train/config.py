@@ -167,7 +167,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             f"= {world_size} x {tr.micro_batch_size}"
         )
     t = cfg.teacher
-    if t.name != "tiny":
+    if t.random_init:
+        if cfg.data.kind != "latents":
+            raise ConfigError("teacher.random_init=true has no VAE or text encoders: it needs data.kind=latents")
+        if cfg.train.export:
+            raise ConfigError("teacher.random_init=true is for benchmarks: it cannot export (set train.export=false)")
+    elif t.name != "tiny":
         if not t.path:
             raise ConfigError(
                 f"teacher.path is not set: point it at a local {t.name} diffusers folder "

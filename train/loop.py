@@ -254,7 +254,8 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     pairs = match_features(teacher.unet, accelerator.unwrap_model(prepared), cfg.distill.feature_types,
                            cfg.distill.lf_stages, cfg.distill.layer_map)
     distiller = Distiller(teacher, prepared, pairs, cfg.teacher, cfg.distill,
-                          student_unwrapped=accelerator.unwrap_model(prepared))
+                          student_unwrapped=accelerator.unwrap_model(prepared),
+                          empty_prompt=_empty_prompt(cfg) if precomputed else None)
     say("feature KD pairs:\n" + format_pairs(pairs))
 
     data_state = None
@@ -288,6 +289,21 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     return Run(cfg=cfg, accelerator=accelerator, teacher=teacher, student=prepared, distiller=distiller,
                optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader, state=state, output_dir=output_dir,
                accum=accum, callbacks=cbs + list(callbacks or []), ema=ema)
+
+
+def _empty_prompt(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The empty caption's embeddings saved beside latent shards by `make latents` (for caption dropout)."""
+    from data.latents import EMPTY_PROMPT_FILE
+    from data.stream import expand_shards
+
+    first = expand_shards(cfg.data.shards)[0]
+    path = Path(first).parent / EMPTY_PROMPT_FILE
+    if not path.is_file():
+        if cfg.distill.caption_dropout > 0:
+            raise FileNotFoundError(f"distill.caption_dropout needs {path} (written by make latents)")
+        return None
+    arrays = np.load(path)
+    return torch.from_numpy(arrays["prompt_embeds"]), torch.from_numpy(arrays["pooled_prompt_embeds"])
 
 
 def _optimizer(cfg: DictConfig, student: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
