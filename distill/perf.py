@@ -28,3 +28,16 @@ def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
             module._koala_compiled = True
             n += 1
     return n
+
+
+def apply_speed_options(tcfg_train, teacher: torch.nn.Module, student: torch.nn.Module) -> None:
+    """The train.* switches that change speed and memory but not what is computed: gradient checkpointing
+    (student), channels_last and regional compilation (both models)."""
+    if tcfg_train.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    if tcfg_train.channels_last:
+        student.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
+    if tcfg_train.compile:
+        compile_blocks(teacher)
+        compile_blocks(student)

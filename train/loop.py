@@ -184,6 +184,7 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
 
     from data.stream import build_loader
     from distill.features import format_pairs, match_features
+    from distill.perf import apply_speed_options
     from distill.step import Distiller
     from distill.students import (
         build_unet,
@@ -231,16 +232,7 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     student.train()
     say(format_stage_tables(teacher.unet, student))
     say("student initialised from the teacher:\n  " + "\n  ".join(summarize_mapping(mapping)))
-    if tr.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    if tr.channels_last:
-        student.to(memory_format=torch.channels_last)
-        teacher.unet.to(memory_format=torch.channels_last)
-    if tr.compile:
-        from distill.perf import compile_blocks
-
-        compile_blocks(teacher.unet)
-        compile_blocks(student)
+    apply_speed_options(tr, teacher.unet, student)
 
     optimizer = _optimizer(cfg, student, device)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
