@@ -180,3 +180,20 @@ def test_missing_teacher_path_is_one_line(tiny_pipeline_dir):
     with pytest.raises(TeacherError, match=r"^teacher.path=/nope does not exist") as info:
         load_teacher(OmegaConf.structured(TeacherConfig(name="sdxl_base", path="/nope")))
     assert "\n" not in str(info.value)
+
+
+def test_stop_file_checkpoints_and_ends_the_run(tmp_path, demo_shards, tiny_pipeline_dir):
+    out = tmp_path / "run"
+    cfg = tiny_cfg(out, demo_shards, tiny_pipeline_dir, "train.max_steps=50", "train.checkpoint_every=0",
+                   "train.ema=false")
+
+    class TouchStop(StopAt):
+        def on_step_end(self, run, losses):
+            if run.state.step == 3:
+                (out / "STOP").touch()
+
+    run, summary = run_cfg(cfg, callbacks=[TouchStop(0)])
+    from train.checkpoint import latest_checkpoint
+
+    assert summary["preempted"] and summary["steps"] == 3
+    assert latest_checkpoint(out).name == "step_000000003" and not (out / "STOP").exists()

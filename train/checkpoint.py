@@ -10,8 +10,10 @@ during the write leaves the previous checkpoint as the latest.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +93,14 @@ def data_state_file(ckpt: Path, rank: int) -> Path:
 def read_meta(ckpt: Path) -> dict[str, Any]:
     """A checkpoint's meta.json."""
     return json.loads((ckpt / META).read_text())
+
+
+FAULT_PAUSE_ENV = "KOALA_FAULT_CHECKPOINT_PAUSE_S"
+
+
+def fault_injection_pause() -> None:
+    """Fault injection for tests: with $KOALA_FAULT_CHECKPOINT_PAUSE_S set, hold a checkpoint half-written for that
+    many seconds, so that a test can kill the run in the middle of the write. Unset in real runs: no effect."""
+    seconds = float(os.environ.get(FAULT_PAUSE_ENV, "0") or 0)
+    if seconds > 0:
+        time.sleep(seconds)

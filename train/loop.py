@@ -54,19 +54,29 @@ class TrainState:
 
 
 class StopFlag:
-    """Set by SIGTERM, SIGUSR1 or SIGINT: finish the step, checkpoint, exit 0 (so a scheduler can requeue)."""
+    """A request to stop: SIGTERM, SIGUSR1 or SIGINT received, or a file `<run>/STOP` created (launchers and
+    schedulers do not always relay signals to every rank; a file on the shared run directory reaches them all).
+    The loop finishes the step, writes a checkpoint and exits 0 so that a scheduler can requeue the job."""
+
+    FILE = "STOP"
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.file: Path | None = None
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> None:
+    def install(self, output_dir: Path) -> None:
+        self.file = output_dir / self.FILE
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handler)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
+
+    def requested(self) -> bool:
+        return self.signum is not None or (self.file is not None and self.file.exists())
 
     def _handler(self, signum: int, _frame: object) -> None:
         self.signum = signum
@@ -199,8 +209,11 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     tr = cfg.train
     output_dir = Path(tr.output_dir)
     use_wandb = cfg.tracking.wandb and cfg.tracking.mode != "disabled"
-    accum = grad_accum_steps(cfg, PartialState().num_processes)
+    # Without CUDA, Accelerate forms a multi-process (gloo) group only when told it runs on the CPU.
+    on_cpu = not torch.cuda.is_available()
+    accum = grad_accum_steps(cfg, PartialState(cpu=on_cpu).num_processes)
     accelerator = Accelerator(
+        cpu=on_cpu,
         mixed_precision=tr.mixed_precision,
         gradient_accumulation_steps=accum,
         log_with="wandb" if use_wandb else None,
@@ -313,8 +326,11 @@ def save_checkpoint(run: Run) -> Path:
     """Write a complete checkpoint of the current step on every rank; the main process renames it into place."""
     acc, step = run.accelerator, run.state.step
     tmp = ckpt.temp_dir(run.output_dir, step)
+    tmp.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()  # the folder exists for every rank before any of them writes into it
     acc.save_state(str(tmp))  # every rank calls this (DeepSpeed needs all of them)
     ckpt.data_state_file(tmp, acc.process_index).write_text(json.dumps(run.loader.state_dict()))
+    ckpt.fault_injection_pause()
     if acc.is_main_process:
         run.unwrapped.save_pretrained(tmp / "student")
         if run.ema is not None:
@@ -380,7 +396,7 @@ def train(run: Run) -> dict[str, Any]:
     """The loop: steps until max_steps or a stop signal; checkpoints; ends with the export and a summary."""
     cfg, acc, st = run.cfg, run.accelerator, run.state
     run.loader_iter = iter(run.loader)
-    run.stop.install()
+    run.stop.install(run.output_dir)
     for cb in run.callbacks:
         cb.on_start(run)
     t0, preempted = time.perf_counter(), False
@@ -400,7 +416,9 @@ def train(run: Run) -> dict[str, Any]:
                 save_checkpoint(run)
             if stop:
                 preempted = True
-                acc.print(f"stop signal received: checkpoint written at step {st.step}, exiting")
+                if acc.is_main_process and run.stop.file is not None:
+                    run.stop.file.unlink(missing_ok=True)  # a requeued job must not stop again at once
+                acc.print(f"stop requested: checkpoint written at step {st.step}, exiting with code 0")
                 break
     finally:
         run.stop.uninstall()
@@ -439,7 +457,7 @@ def _track_kd(run: Run, kd: torch.Tensor) -> None:
 
 def _should_stop(run: Run) -> bool:
     """Whether any rank received a stop signal (all ranks agree, so all of them checkpoint and exit)."""
-    flag = run.stop.signum is not None
+    flag = run.stop.requested()
     if run.accelerator.num_processes == 1:
         return flag
     if run.state.step % run.cfg.train.log_every and run.state.step != run.cfg.train.max_steps:
