@@ -10,8 +10,15 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+
+from distill.students import STUDENTS, build_unet, derive_student_config, init_student_from_teacher  # noqa: E402
+from distill.tiny import tiny_unet_config  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,10 +42,6 @@ def tiny_pipeline_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_unets(tiny_pipeline_dir):
     """(teacher, student) tiny U-Nets: the teacher loaded from the tiny pipeline, the student initialised from it."""
-    from diffusers import UNet2DConditionModel
-
-    from distill.students import STUDENTS, build_unet, derive_student_config, init_student_from_teacher
-
     teacher = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet").eval()
     student = build_unet(derive_student_config(dict(teacher.config), STUDENTS["tiny"]))
     init_student_from_teacher(student, teacher)
@@ -53,3 +56,34 @@ def demo_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_data")
     build_demo_shards(str(out))
     return out
+
+
+def make_tiny_checkpoint(teacher_dir: Path, folder: Path, ema: bool = True) -> Path:
+    """A checkpoint folder in the trainer's contract: student/, student_ema/, meta.json (teacher-initialised)."""
+    if (folder / "meta.json").is_file():
+        return folder
+    teacher = UNet2DConditionModel.from_pretrained(teacher_dir / "unet")
+    torch.manual_seed(0)
+    student = build_unet(derive_student_config(tiny_unet_config(), STUDENTS["tiny"]))
+    init_student_from_teacher(student, teacher)
+    student.save_pretrained(folder / "student")
+    if ema:
+        with torch.no_grad():  # an EMA that differs from the raw student, so the test can tell them apart
+            for p in student.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        student.save_pretrained(folder / "student_ema")
+    meta = {"teacher_path": str(teacher_dir), "teacher_name": "tiny", "step": 7}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_pipeline_dir):
+    """The tiny pipeline folder under the name the sampling and eval tests use."""
+    return tiny_pipeline_dir
+
+
+@pytest.fixture(scope="session")
+def ckpt(tiny_pipeline_dir, tmp_path_factory):
+    """A tiny checkpoint in the trainer's layout (student/, student_ema/, meta.json)."""
+    return make_tiny_checkpoint(tiny_pipeline_dir, tmp_path_factory.getbasetemp() / "ckpt_tiny")

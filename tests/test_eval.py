@@ -9,22 +9,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_sampling import make_tiny_checkpoint
 
 from distill.evaluation import PSNR_CAP_DB, EvalConfig, run_eval
 from distill.metrics import Hpsv2Scorer, psnr, ssim
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_pipeline_dir):  # tests/conftest.py: built once per session
-    return tiny_pipeline_dir
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_dir, tmp_path_factory):
-    return make_tiny_checkpoint(tiny_dir, tmp_path_factory.getbasetemp() / "ckpt_tiny")
 
 
 @pytest.fixture(scope="module")

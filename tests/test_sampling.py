@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from distill.sampling import (
     SAMPLER_DEFAULTS,
@@ -22,31 +21,10 @@ from distill.sampling import (
     resolve_settings,
     sample,
 )
-from distill.students import STUDENTS, build_unet, derive_student_config, init_student_from_teacher
-from distill.tiny import tiny_unet_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(steps=2, height=32, width=32)  # 2 steps at 32 px (16x16 latents) keep each image fast
-
-
-def make_tiny_checkpoint(teacher_dir: Path, folder: Path, ema: bool = True) -> Path:
-    """A checkpoint folder in the trainer's contract: student/, student_ema/, meta.json (teacher-initialised)."""
-    if (folder / "meta.json").is_file():
-        return folder
-    teacher = UNet2DConditionModel.from_pretrained(teacher_dir / "unet")
-    torch.manual_seed(0)
-    student = build_unet(derive_student_config(tiny_unet_config(), STUDENTS["tiny"]))
-    init_student_from_teacher(student, teacher)
-    student.save_pretrained(folder / "student")
-    if ema:
-        with torch.no_grad():  # an EMA that differs from the raw student, so the test can tell them apart
-            for p in student.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        student.save_pretrained(folder / "student_ema")
-    meta = {"teacher_path": str(teacher_dir), "teacher_name": "tiny", "step": 7}
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder
 
 
 def make_exported(teacher_dir: Path, ckpt: Path, folder: Path, family: str = "sdxl_lightning") -> Path:
@@ -65,16 +43,6 @@ def make_exported(teacher_dir: Path, ckpt: Path, folder: Path, family: str = "sd
         "timestep_spacing": d.timestep_spacing, "resolution": 64,
     }))
     return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_pipeline_dir):  # tests/conftest.py: built once per session
-    return tiny_pipeline_dir
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_dir, tmp_path_factory):
-    return make_tiny_checkpoint(tiny_dir, tmp_path_factory.getbasetemp() / "ckpt_tiny")
 
 
 @pytest.fixture(scope="module")
