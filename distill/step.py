@@ -127,6 +127,11 @@ class Distiller:
             noisy, timesteps, encoder_hidden_states=x.prompt_embeds,
             added_cond_kwargs={"text_embeds": x.pooled, "time_ids": x.time_ids},
         ).sample
+        if len(self.tap_s.features) != len(self.pairs) or len(self.tap_t.features) != len(self.pairs):
+            # e.g. a wrapper or a compiled region that bypasses Module.__call__: never train without the features
+            missing = sorted({p.label for p in self.pairs} - (set(self.tap_s.features) & set(self.tap_t.features)))
+            raise RuntimeError(f"feature hooks did not fire for {len(missing)} of {len(self.pairs)} pairs, "
+                               f"e.g. {missing[:3]}")
         losses = koala_loss(
             student_out, teacher_out, target, self.tap_s.features, self.tap_t.features,
             w_task=self.dcfg.w_task, w_out=self.dcfg.w_out, w_feat=self.dcfg.w_feat,

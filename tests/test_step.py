@@ -80,3 +80,14 @@ def test_loss_shape_mismatch_is_an_error():
 
 def test_trailing_grid():
     assert trailing_timesteps(1000, 4) == [999, 749, 499, 249]
+
+
+def test_hooks_that_do_not_fire_are_an_error(teacher, tiny_unets):
+    tcfg, bundle = teacher
+    student = copy.deepcopy(tiny_unets[1])
+    step = Distiller(bundle, student, match_features(bundle.unet, student), tcfg,
+                     OmegaConf.structured(DistillConfig()))
+    step.tap_s.remove()  # as if a wrapper bypassed the student's hooked modules
+    with pytest.raises(RuntimeError, match="hooks did not fire"):
+        step.forward(_inputs(bundle), torch.Generator().manual_seed(1))
+    step.close()
