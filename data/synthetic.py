@@ -1,4 +1,5 @@
-"""Small synthetic LAION-POP-shaped shards for tests and benchmarks (seeded, no downloads)."""
+"""Small synthetic LAION-POP-shaped raw shards, and latent shards at real shapes, for tests and benchmarks (seeded,
+no downloads)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 _FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+_LATENT_STORAGE = {"float32": np.float32, "float16": np.float16}  # array dtypes of latent shards
 
 
 def synthetic_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -81,4 +83,59 @@ def write_synthetic_shards(
                 )
                 n += 1
         paths.append(path)
+    return paths
+
+
+def write_synthetic_latent_shards(
+    out: str,
+    *,
+    num_shards: int,
+    samples_per_shard: int,
+    latent_shape: tuple[int, int, int] = (4, 128, 128),
+    text_tokens: int = 77,
+    text_dim: int = 2048,
+    pooled_dim: int = 1280,
+    image_size: tuple[int, int] = (1024, 1024),
+    storage: str = "float16",
+    vae_scaling_factor: float = 0.13025,
+    seed: int = 0,
+    key_prefix: str = "l",
+) -> list[str]:
+    """Write latent shards in `make latents`' format (data/latents.py) with seeded N(0, 1) arrays; return their paths.
+
+    Each sample has latents.npy `latent_shape` ([C, h, w]; SDXL at 1024 px: [4, 128, 128]), prompt_embeds.npy
+    [text_tokens, text_dim] (SDXL: [77, 2048]), pooled_prompt_embeds.npy [pooled_dim] (SDXL: 1280), stored as
+    `storage` (float16 like `make latents`' default, or float32), and a json with caption, original_size,
+    crop_top_left, target_size (image_size as (height, width) px), flipped and vae_scaling_factor (the value
+    recorded only; SDXL's VAE has 0.13025). `empty_prompt.npz` (float32, for caption dropout) is written beside
+    the shards. For benchmarks of the latent training path at real shapes: the values carry no image.
+    """
+    from data.latents import EMPTY_PROMPT_FILE
+
+    if storage not in _LATENT_STORAGE:
+        raise ValueError(f"storage must be one of {sorted(_LATENT_STORAGE)}, got {storage!r}")
+    dtype = _LATENT_STORAGE[storage]
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    height, width = image_size
+    paths = []
+    for shard in range(num_shards):
+        path = os.path.join(out, f"{shard:06d}.tar")
+        with wds.TarWriter(path, mtime=0) as writer:
+            for index in range(samples_per_shard):
+                key = f"{key_prefix}{shard:04d}x{index:04d}"
+                meta = {"caption": f"synthetic latent sample {key}", "original_size": [height, width],
+                        "crop_top_left": [0, 0], "target_size": [height, width], "flipped": False,
+                        "vae_scaling_factor": vae_scaling_factor}
+                writer.write({
+                    "__key__": key,
+                    "latents.npy": rng.standard_normal(latent_shape, dtype=np.float32).astype(dtype),
+                    "prompt_embeds.npy": rng.standard_normal((text_tokens, text_dim), dtype=np.float32).astype(dtype),
+                    "pooled_prompt_embeds.npy": rng.standard_normal(pooled_dim, dtype=np.float32).astype(dtype),
+                    "json": json.dumps(meta).encode("utf-8"),
+                })
+        paths.append(path)
+    np.savez(os.path.join(out, EMPTY_PROMPT_FILE),
+             prompt_embeds=np.zeros((text_tokens, text_dim), dtype=np.float32),
+             pooled_prompt_embeds=np.zeros(pooled_dim, dtype=np.float32))
     return paths

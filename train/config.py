@@ -37,12 +37,22 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     weight_decay: float = 1e-2  # decoupled weight decay (torch AdamW's default)
-    fused_adam: bool = False  # torch's fused AdamW kernel (CUDA only; ignored on CPU)
+    fused_adam: bool = False  # torch's fused AdamW kernel (CUDA, or CPU); with it a non-finite update is skipped
+    # on the device (found_inf, as GradScaler does) and the skip counters are read only every log_every steps
     max_grad_norm: float = 1.0  # gradient clipping by global norm; 0 disables
     mixed_precision: str = "bf16"  # no | fp16 | bf16 (Accelerate autocast; master weights stay fp32)
     gradient_checkpointing: bool = False  # recompute student activations in the backward pass
     compile: bool = False  # torch.compile each transformer/resnet block forward (regional compilation)
     channels_last: bool = False  # NHWC memory format for the conv layers
+    # --- speed switches (distill/perf.py); none changes what a step computes beyond float rounding ---
+    checkpointing_blocks: list[str] = field(default_factory=list)  # student stages (DW-1.., Mid, UP-1..) whose
+    # blocks are recomputed in the backward pass; empty: gradient_checkpointing decides (all stages or none)
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs (longer compile)
+    compile_backend: str = "inductor"  # torch.compile backend: inductor | aot_eager (traces only; CPU tests)
+    sdpa_backend: str = "auto"  # attention kernel of teacher and student: auto (PyTorch picks) | flash |
+    # efficient | cudnn | math, forced with torch.nn.attention.sdpa_kernel around every attention call
+    teacher_fp8: bool = False  # frozen teacher's linear layers in FP8 (e4m3, per-row scales; CUDA capability
+    # >= 8.9 only, refused elsewhere): faster teacher forward at a small output error, see docs/PERFORMANCE.md
     ema: bool = False  # keep an exponential moving average of the student
     ema_decay: float = 0.9999  # EMA decay per optimizer step
     checkpoint_every: int = 5000  # optimizer steps between checkpoints; 0 disables (a final one is still written)
@@ -139,6 +149,9 @@ _CHOICES = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.optimizer": ("adamw", "adamw8bit"),
+    "train.compile_mode": ("default", "max-autotune-no-cudagraphs"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
+    "train.sdpa_backend": ("auto", "flash", "efficient", "cudnn", "math"),
     "tracking.mode": ("auto", "online", "offline", "disabled"),
 }
 
@@ -160,6 +173,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             raise ConfigError(f"distill.lf_stages: {stage!r} is not a stage name like DW-1, Mid or UP-3")
     _check_student(cfg)
     tr = cfg.train
+    for stage in tr.checkpointing_blocks:
+        if not re.fullmatch(r"(DW|UP)-\d+|Mid", stage):
+            raise ConfigError(f"train.checkpointing_blocks: {stage!r} is not a stage name like DW-1, Mid or UP-3")
     per_step = world_size * tr.micro_batch_size
     if tr.micro_batch_size < 1 or tr.global_batch_size % per_step:
         raise ConfigError(

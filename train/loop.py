@@ -121,7 +121,8 @@ class Run:
     ema: EMA | None = None
     loader_iter: Any = None
     last_keys: list[str] = field(default_factory=list)  # sample keys of the last step (this rank)
-    last_grad_norm: float | None = None
+    last_grad_norm: torch.Tensor | float | None = None  # a device scalar (read by the logger at log steps)
+    device_skip: Any = None  # distill.perf.DeviceSkip, or False where the host checks every update (set lazily)
     stop: StopFlag = field(default_factory=StopFlag)
     _components: dict[str, Any] | None = None
 
@@ -316,10 +317,13 @@ def _optimizer(cfg: DictConfig, student: torch.nn.Module, device: torch.device) 
     kwargs = dict(lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps, weight_decay=tr.weight_decay)
     params = [p for p in student.parameters() if p.requires_grad]
     if tr.optimizer == "adamw8bit":
-        import bitsandbytes as bnb  # the low-memory profile's 8-bit AdamW
+        try:
+            import bitsandbytes as bnb  # the low-memory profile's 8-bit AdamW
+        except ImportError as exc:
+            raise ImportError('train.optimizer=adamw8bit needs bitsandbytes: pip install -e ".[lowmem]"') from exc
 
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, fused=bool(tr.fused_adam and device.type == "cuda"), **kwargs)
+    return torch.optim.AdamW(params, fused=bool(tr.fused_adam), **kwargs)  # fused: CUDA and CPU kernels
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -354,14 +358,39 @@ def _grad_norm(run: Run) -> torch.Tensor | None:
     return norm
 
 
+def _device_skip(run: Run) -> Any:
+    """distill.perf.DeviceSkip when non-finite updates can be skipped without a host sync: the optimizer is torch's
+    fused AdamW and no callback needs to know, step by step, whether an update was applied (on_update, e.g. EMA);
+    else None (the host checks the gradient norm every optimizer step)."""
+    if run.device_skip is None:
+        from distill.perf import DeviceSkip, supports_device_skip
+
+        inner = getattr(run.optimizer, "optimizer", run.optimizer)
+        wants_updates = any(getattr(type(cb), "on_update", None) is not Callback.on_update for cb in run.callbacks)
+        ok = supports_device_skip(inner, run.cfg.train.mixed_precision) and not wants_updates
+        run.device_skip = (DeviceSkip(run.accelerator.device, run.state.nonfinite_total, run.state.nonfinite_run)
+                           if ok else False)
+    return run.device_skip or None
+
+
+def _counters_due(run: Run) -> bool:
+    """Whether the on-device skip counters are read after this step: log, checkpoint and last steps, or a stop."""
+    tr, step = run.cfg.train, run.state.step
+    return (step % max(1, tr.log_every) == 0 or step == tr.max_steps or run.stop.requested()
+            or bool(tr.checkpoint_every and step % tr.checkpoint_every == 0))
+
+
 def train_one_step(run: Run) -> dict[str, torch.Tensor]:
     """One optimizer step over `accum` micro-batches; returns the detached loss sums (per micro-batch mean)."""
+    from distill.perf import move_batch
+
     acc, st = run.accelerator, run.state
     sums: dict[str, torch.Tensor] = {}
     applied = False
+    skip = _device_skip(run)
     run.last_keys = []
     for micro in range(run.accum):
-        batch = next(run.loader_iter)
+        batch = move_batch(next(run.loader_iter), acc.device)  # asynchronous copy: no host sync
         run.last_keys.extend(batch.get("keys", []))
         gen = step_generator(run.cfg.train.seed, acc.process_index, st.step, micro, acc.device)
         with acc.accumulate(run.student):
@@ -371,24 +400,28 @@ def train_one_step(run: Run) -> dict[str, torch.Tensor]:
             if acc.sync_gradients:
                 norm = _grad_norm(run)
                 # The norm is of the all-reduced gradient, so every rank takes the same decision.
-                finite = norm is None or bool(torch.isfinite(norm))
-                if finite:
+                if skip is not None and norm is not None:  # the fused kernel skips a non-finite update itself
+                    skip.step(getattr(run.optimizer, "optimizer", run.optimizer), norm, run.optimizer.step)
+                elif norm is None or bool(torch.isfinite(norm)):  # host sync
                     run.optimizer.step()
                     applied = True
                 run.optimizer.zero_grad(set_to_none=True)
-                run.last_grad_norm = None if norm is None else float(norm)
+                run.last_grad_norm = None if norm is None else norm.detach()
         for k, v in losses.items():
             sums[k] = sums.get(k, 0) + v.detach() / run.accum
-    if applied and not run.optimizer.step_was_skipped:
-        st.nonfinite_run = 0
-        for cb in run.callbacks:
-            cb.on_update(run)
-    elif not applied:
-        st.nonfinite_total += 1
-        st.nonfinite_run += 1
+    if skip is None:
+        if applied and not run.optimizer.step_was_skipped:
+            st.nonfinite_run = 0
+            for cb in run.callbacks:
+                cb.on_update(run)
+        elif not applied:
+            st.nonfinite_total += 1
+            st.nonfinite_run += 1
     run.lr_scheduler.step()
     st.step += 1
     st.samples_seen += run.cfg.train.global_batch_size
+    if skip is not None and _counters_due(run):  # the only host sync of the on-device skip
+        st.nonfinite_total, st.nonfinite_run = skip.read()
     return sums
 
 

@@ -1,0 +1,112 @@
+"""`make bench-train`: the tiny benchmark runs the trainer's own set-up and step end to end and prints one JSON line
+with the documented keys; synthetic latent shards are read by the real loader; the real-shape run on a GPU."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+
+from scripts import bench_train
+
+RECORD_KEYS = {"profile", "teacher", "student", "batch", "micro_batch", "accum", "options", "first_step_s", "step_s",
+               "img_per_s", "teacher_fwd_tflop", "student_fwd_tflop", "tflop_per_img", "peak_tflops", "mfu",
+               "peak_gib", "peak_gib_warmup", "reserved_gib", "loss_total", "nonfinite_skipped"}
+ENV_KEYS = {"bench", "device", "torch", "cuda", "diffusers", "accelerate", "date"}
+FINITE = ("step_s", "img_per_s", "mfu", "tflop_per_img", "loss_total")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _run(argv: list[str]) -> dict:
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        bench_train.main(argv)
+    lines = buffer.getvalue().strip().splitlines()
+    assert len(lines) == 1, "stdout carries exactly one JSON line"
+    return json.loads(lines[0])
+
+
+def test_tiny_bench_compares_plain_and_fast_through_the_trainer(tmp_path):
+    out = tmp_path / "out"
+    result = _run(["--tiny", "--compare-plain", "--steps", "2", "--warmup", "1", "--data", str(tmp_path / "lat"),
+                   "--set", "train.compile_backend=eager",  # dynamo only: the aot_eager run is in test_fast_step
+                   "--out", str(out), "--name", "t"])
+    assert ENV_KEYS | RECORD_KEYS <= set(result)
+    assert result["profile"] == "fast" and result["plain"]["profile"] == "plain"
+    for rec in (result, result["plain"]):
+        assert RECORD_KEYS <= set(rec)
+        assert all(math.isfinite(rec[k]) and rec[k] > 0 for k in FINITE), rec
+        assert rec["batch"] == 4 and rec["micro_batch"] == 2 and rec["accum"] == 2 and rec["nonfinite_skipped"] == 0
+    assert result["options"]["compile"] and result["options"]["fused_adam"] and result["options"]["channels_last"]
+    assert not result["plain"]["options"]["compile"] and not result["plain"]["options"]["fused_adam"]
+    assert result["speedup_vs_plain"] > 0
+    # FLOPs of the tiny teacher/student at batch 1 (same counter as the anchor), MFU from them
+    assert result["tflop_per_img"] == pytest.approx(result["teacher_fwd_tflop"] + 3 * result["student_fwd_tflop"],
+                                                    abs=1e-3)
+    # the same batch and generator through both configurations: the same losses
+    assert result["loss_total"] == pytest.approx(result["plain"]["loss_total"], rel=1e-5)
+    assert json.loads((out / "bench_train_t.json").read_text())["img_per_s"] == result["img_per_s"]
+    assert "| fast | tiny | 4 (2 x 2) |" in (out / "bench_train_t.md").read_text()
+
+
+def test_synthetic_latent_shards_are_read_by_the_real_loader(tmp_path):
+    from data.config import DataConfig
+    from data.latents import EMPTY_PROMPT_FILE
+    from data.stream import build_loader
+    from data.synthetic import write_synthetic_latent_shards
+
+    paths = write_synthetic_latent_shards(str(tmp_path), num_shards=2, samples_per_shard=3, latent_shape=(4, 16, 8),
+                                          text_dim=24, pooled_dim=12, image_size=(128, 64))
+    assert len(paths) == 2 and (tmp_path / EMPTY_PROMPT_FILE).is_file()
+    cfg = DataConfig(shards=str(tmp_path), kind="latents", num_workers=0, shuffle_buffer=2)
+    batch = next(iter(build_loader(cfg, batch_size=3, rank=0, world_size=1, seed=0)))
+    assert batch["latents"].shape == (3, 4, 16, 8) and batch["latents"].dtype == torch.float32
+    assert batch["prompt_embeds"].shape == (3, 77, 24) and batch["pooled_prompt_embeds"].shape == (3, 12)
+    assert batch["target_size"].tolist() == [[128, 64]] * 3 and batch["original_size"].tolist() == [[128, 64]] * 3
+    assert torch.isfinite(batch["latents"]).all() and batch["latents"].std() > 0.5
+
+
+def test_lowmem_experiment_is_the_24gb_profile():
+    from train.bench import BenchConfig, experiment
+    from train.config import load_config
+
+    cfg = load_config(["+experiment=koala_700m_lowmem"])
+    assert cfg.student.name == "koala_700m" and cfg.teacher.dtype == "bf16"
+    assert cfg.train.optimizer == "adamw8bit" and list(cfg.train.checkpointing_blocks) == ["UP-1", "UP-2"]
+    assert cfg.train.global_batch_size == 128 and cfg.train.lr == 1e-5
+    assert experiment(BenchConfig(student="koala_700m", profile="lowmem")) == "koala_700m_lowmem"
+    with pytest.raises(ValueError, match="lowmem"):
+        experiment(BenchConfig(student="koala_1b", profile="lowmem"))
+
+
+@pytest.mark.slow
+def test_tiny_lowmem_profile_runs_with_8bit_adamw(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    result = _run(["--tiny", "--profile", "lowmem", "--steps", "1", "--warmup", "1", "--data",
+                   str(tmp_path / "lat"), "--out", str(tmp_path / "out")])
+    assert result["options"]["optimizer"] == "adamw8bit" and math.isfinite(result["loss_total"])
+
+
+@pytest.mark.gpu
+def test_real_shape_bench_on_the_gpu(tmp_path):
+    """KOALA-700M from the SDXL-shaped teacher at 1024 px, plain profile, batch 4: the real shapes run briefly."""
+    result = _run(["--student", "koala_700m", "--profile", "plain", "--batch", "4", "--steps", "2", "--warmup", "1",
+                   "--data", str(tmp_path / "lat"), "--out", str(tmp_path / "out")])
+    assert result["latent"] == [4, 128, 128] and result["resolution"] == 1024
+    assert result["teacher_fwd_tflop"] == pytest.approx(6.76, abs=0.01)
+    assert result["student_fwd_tflop"] == pytest.approx(2.70, abs=0.01)
+    assert result["peak_gib"] > 5 and 0 < result["mfu"] < 1 and math.isfinite(result["loss_total"])
