@@ -70,5 +70,8 @@ bench-data: $(STAMP)  ## loader throughput per worker (JSON)
 bench-infer: $(STAMP)  ## model-card latency table (tiny shapes without a GPU); ARGS="--fast" for every switch
 	$(PY) scripts/bench_infer.py $(ARGS)
 
+bench-train: $(STAMP)  ## training-step img/s, MFU, peak memory (JSON; tiny shapes without a GPU); ARGS="--compare-plain"
+	$(PY) scripts/bench_train.py $(ARGS)
+
 clean:
 	rm -rf runs outputs .pytest_cache .ruff_cache

@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks of the training-step work (issue 6), in one run on one H100/H200, about 8-9 minutes:
+# GPU checks in one device call. `bash scripts/gpu_checks.sh` (or `... train`): the training step (issue 6);
+# `bash scripts/gpu_checks.sh infer`: the inference table (issue 5): the anchor's latency table
+# (--latency-only --warmup 10) and `bench_infer.py` plain then --fast, in the same call, about 5-7 minutes.
+#
+# The training suite, in one run on one H100/H200, about 8-9 minutes:
 #   1. the naive baseline: ../shared/bench/anchor_unets.py --warmup 3 (latency table + naive KD train step)
 #   2. KOALA-1B, batch 32, 1024 px: the plain step (micro-batch 32 + full gradient checkpointing, the anchor's
 #      batch-32 setting) and then the fast one, in one process (scripts/bench_train.py --compare-plain), plus
@@ -61,6 +65,17 @@ ANCHOR=${ANCHOR:-}
 for candidate in ../shared/bench/anchor_unets.py shared/bench/anchor_unets.py .whl/anchor_unets.py; do
   [[ -z "$ANCHOR" && -f "$candidate" ]] && ANCHOR=$candidate
 done
+
+SUITE=${1:-train}
+if [[ "$SUITE" == infer ]]; then
+  [[ -n "$ANCHOR" ]] && run_stage anchor_latency 120 bash -c "$PY '$ANCHOR' --latency-only --warmup 10 | tee '$OUT/anchor_latency.jsonl'"
+  run_stage infer_plain 120 $PY scripts/bench_infer.py --dtype fp16 --out "$OUT/infer_plain"
+  run_stage infer_fast 200 $PY scripts/bench_infer.py --fast --models koala_700m koala_1b --out "$OUT/infer_fast"
+  run_stage infer_regional 120 $PY scripts/bench_infer.py --dtype fp16 --channels-last --fuse-qkv --compile regional \
+    --models koala_700m --steps 10 --out "$OUT/infer_regional"
+  say "done"
+  exit 0
+fi
 
 # 1. the naive baseline (same machine, same session as the project's numbers)
 if [[ -n "$ANCHOR" ]]; then
