@@ -87,3 +87,36 @@ def tiny_dir(tiny_pipeline_dir):
 def ckpt(tiny_pipeline_dir, tmp_path_factory):
     """A tiny checkpoint in the trainer's layout (student/, student_ema/, meta.json)."""
     return make_tiny_checkpoint(tiny_pipeline_dir, tmp_path_factory.getbasetemp() / "ckpt_tiny")
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """A fresh Accelerate singleton state around an in-process training run."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def inject_nan():
+    """make(at_steps) -> a patch for a set-up run: the total loss of those steps (0-based state.step) becomes NaN."""
+    return _nan_patch
+
+
+def _nan_patch(at_steps: set[int]):
+    def patch(run):
+        inner = run.distiller
+
+        def step(batch, gen):
+            losses = inner(batch, gen)
+            if run.state.step in at_steps:
+                losses["total"] = losses["total"] * float("nan")
+            return losses
+
+        run.distiller = step
+
+    return patch

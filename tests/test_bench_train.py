@@ -20,15 +20,7 @@ ENV_KEYS = {"bench", "device", "torch", "cuda", "diffusers", "accelerate", "date
 FINITE = ("step_s", "img_per_s", "mfu", "tflop_per_img", "loss_total")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def _run(argv: list[str]) -> dict:

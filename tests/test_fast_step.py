@@ -15,16 +15,7 @@ FAST_SWITCHES = ["train.compile=true", "train.compile_backend=aot_eager", "train
                  "train.sdpa_backend=flash", "train.checkpointing_blocks=[DW-2,Mid,UP-1]", "train.fused_adam=true"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run gets a fresh Accelerate singleton state."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 @pytest.fixture(scope="module")
@@ -128,20 +119,6 @@ def test_one_optimizer_step_matches(tmp_path, tiny_shards):
 # ------------------------------------------------------------------- non-finite updates skipped on the device
 
 
-def _inject_nan(at_steps):
-    def patch(run):
-        inner = run.distiller
-
-        def step(batch, gen):
-            losses = inner(batch, gen)
-            if run.state.step in at_steps:
-                losses["total"] = losses["total"] * float("nan")
-            return losses
-
-        run.distiller = step
-    return patch
-
-
 def _demo_cfg(out, shards, tiny_dir, *extra):
     from train.config import load_config, validate
 
@@ -154,7 +131,7 @@ def _demo_cfg(out, shards, tiny_dir, *extra):
     return cfg
 
 
-def test_nonfinite_update_is_skipped_on_the_device(tmp_path, demo_shards, tiny_pipeline_dir):
+def test_nonfinite_update_is_skipped_on_the_device(inject_nan, tmp_path, demo_shards, tiny_pipeline_dir):
     from distill.perf import DeviceSkip
     from train.callbacks import Callback
     from train.loop import _device_skip, setup, train
@@ -167,7 +144,7 @@ def test_nonfinite_update_is_skipped_on_the_device(tmp_path, demo_shards, tiny_p
 
     cfg = _demo_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=4")
     run = setup(cfg, callbacks=[Snap()], show_progress=False)
-    _inject_nan({1})(run)
+    inject_nan({1})(run)
     skip = _device_skip(run)
     assert isinstance(skip, DeviceSkip)
     reads, read = [], skip.read
@@ -182,14 +159,14 @@ def test_nonfinite_update_is_skipped_on_the_device(tmp_path, demo_shards, tiny_p
     assert all(float(s["step"]) == 3.0 for s in opt.state.values())  # 4 updates tried, the NaN one undone
 
 
-def test_too_many_nonfinite_in_a_row_stop_with_the_device_skip(tmp_path, demo_shards, tiny_pipeline_dir):
+def test_too_many_nonfinite_in_a_row_stop_with_the_device_skip(inject_nan, tmp_path, demo_shards, tiny_pipeline_dir):
     from train.checkpoint import latest_checkpoint
     from train.loop import NonFiniteError, setup, train
 
     cfg = _demo_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=10",
                     "train.checkpoint_every=2", "train.max_nonfinite=3")
     run = setup(cfg, show_progress=False)
-    _inject_nan({3, 4, 5, 6, 7, 8, 9})(run)
+    inject_nan({3, 4, 5, 6, 7, 8, 9})(run)
     with pytest.raises(NonFiniteError, match="3 consecutive"):
         train(run)
     assert run.device_skip  # the on-device path was the one tested

@@ -10,17 +10,7 @@ import torch
 
 from train.config import load_config, validate
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run gets a fresh Accelerate singleton state."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def tiny_cfg(out, shards, tiny_dir, *extra: str):
@@ -123,21 +113,7 @@ def test_export_loads_in_diffusers_and_makes_an_image(tmp_path, demo_shards, tin
     assert json.loads((tmp_path / "run" / "export" / "koala_sampler.json").read_text())["num_inference_steps"] == 4
 
 
-def _inject_nan(at_steps):
-    def patch(run):
-        inner = run.distiller
-
-        def step(batch, gen):
-            losses = inner(batch, gen)
-            if run.state.step in at_steps:
-                losses["total"] = losses["total"] * float("nan")
-            return losses
-
-        run.distiller = step
-    return patch
-
-
-def test_nonfinite_step_is_skipped_and_counted(tmp_path, demo_shards, tiny_pipeline_dir):
+def test_nonfinite_step_is_skipped_and_counted(inject_nan, tmp_path, demo_shards, tiny_pipeline_dir):
     cfg = tiny_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=4", "train.ema=false")
     seen = {}
 
@@ -145,7 +121,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, demo_shards, tiny_pipel
         def on_step_end(self, run, losses):
             seen[run.state.step] = {k: v.clone() for k, v in run.unwrapped.state_dict().items()}
 
-    run, summary = run_cfg(cfg, callbacks=[Snap(0)], patch=_inject_nan({1}))
+    run, summary = run_cfg(cfg, callbacks=[Snap(0)], patch=inject_nan({1}))
     assert run.state.nonfinite_total == 1 and run.state.nonfinite_run == 0
     # the update of the NaN step (step index 1 -> state.step 2) was skipped: weights unchanged
     assert all(torch.equal(seen[2][k], seen[1][k]) for k in seen[1])
@@ -153,14 +129,14 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, demo_shards, tiny_pipel
     assert all(torch.isfinite(v).all() for v in seen[4].values())
 
 
-def test_too_many_nonfinite_in_a_row_stop_cleanly(tmp_path, demo_shards, tiny_pipeline_dir):
+def test_too_many_nonfinite_in_a_row_stop_cleanly(inject_nan, tmp_path, demo_shards, tiny_pipeline_dir):
     from train.checkpoint import latest_checkpoint
     from train.loop import NonFiniteError
 
     cfg = tiny_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=10",
                    "train.checkpoint_every=2", "train.max_nonfinite=3", "train.ema=false")
     with pytest.raises(NonFiniteError, match="3 consecutive"):
-        run_cfg(cfg, patch=_inject_nan({3, 4, 5, 6, 7, 8, 9}))
+        run_cfg(cfg, patch=inject_nan({3, 4, 5, 6, 7, 8, 9}))
     ckpt = latest_checkpoint(tmp_path / "run")
     # NaN from step index 3: the streak reaches 3 at step 6, which stops before its checkpoint; the one of
     # step 4 (one skipped update, finite weights) is the latest and loads
