@@ -48,19 +48,10 @@ def load_encoders(pipeline_dir: str, device: str, text_dtype: str = "float32", v
     Only these parts are loaded (not the U-Net). SDXL's original VAE overflows in float16: keep vae_dtype at
     float32 (or bfloat16) unless the folder holds the fp16-fix VAE.
     """
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from distill.teachers import load_text_encoders, load_vae
 
-    vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae", torch_dtype=_DTYPES[vae_dtype])
-    tokenizers = [CLIPTokenizer.from_pretrained(pipeline_dir, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
-    encoders = [
-        CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder", torch_dtype=_DTYPES[text_dtype]),
-        CLIPTextModelWithProjection.from_pretrained(
-            pipeline_dir, subfolder="text_encoder_2", torch_dtype=_DTYPES[text_dtype]
-        ),
-    ]
-    for module in (vae, *encoders):
-        module.to(device).eval().requires_grad_(False)
+    vae = load_vae(pipeline_dir, device=device, dtype=_DTYPES[vae_dtype])
+    tokenizers, encoders = load_text_encoders(pipeline_dir, device=device, dtype=_DTYPES[text_dtype])
     return vae, tokenizers, encoders
 
 

@@ -91,6 +91,28 @@ def load_teacher_unet(
     return _frozen(unet, device, dtype)
 
 
+def load_vae(path: Path | str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             vae_path: str | None = None) -> AutoencoderKL:
+    """The frozen VAE of a pipeline folder (or the folder `vae_path`, e.g. the fp16-fix VAE)."""
+    vae = (AutoencoderKL.from_pretrained(str(vae_path), torch_dtype=dtype) if vae_path
+           else AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=dtype))
+    return _frozen(vae, device, dtype)
+
+
+def load_text_encoders(
+    path: Path | str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[list[Any], list[torch.nn.Module]]:
+    """SDXL's two tokenizers and frozen text encoders (CLIPTextModel, CLIPTextModelWithProjection)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizers = [CLIPTokenizer.from_pretrained(str(path), subfolder=sub) for sub in ("tokenizer", "tokenizer_2")]
+    encoders = [
+        CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", torch_dtype=dtype),
+        CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder_2", torch_dtype=dtype),
+    ]
+    return tokenizers, [_frozen(e, device, dtype) for e in encoders]
+
+
 def load_teacher(
     tcfg: Any, *, device: torch.device | str = "cpu", with_vae: bool = True, with_text: bool = True,
     vae_dtype: torch.dtype = torch.float32, text_dtype: torch.dtype | None = None,
@@ -102,8 +124,6 @@ def load_teacher(
     fp16-fix VAE). `unet_dtype` overrides teacher.dtype for the U-Net (the trainer loads it in fp32, initialises
     the student from those weights, then casts the teacher down).
     """
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     if tcfg.random_init:
         return random_teacher(tcfg, device=device, dtype=unet_dtype)
     path = teacher_pipeline_dir(tcfg)
@@ -114,22 +134,26 @@ def load_teacher(
     )
     bundle = TeacherBundle(unet=unet, noise_scheduler=noise_scheduler, path=path)
     if with_vae:
-        vae = (AutoencoderKL.from_pretrained(str(tcfg.vae_path)) if tcfg.vae_path
-               else AutoencoderKL.from_pretrained(str(path), subfolder="vae"))
-        bundle.vae = _frozen(vae, device, vae_dtype)
+        bundle.vae = load_vae(path, device=device, dtype=vae_dtype, vae_path=tcfg.vae_path)
     if with_text:
-        tdtype = text_dtype or DTYPES[tcfg.dtype]
-        bundle.tokenizers = [CLIPTokenizer.from_pretrained(str(path), subfolder=sub)
-                             for sub in ("tokenizer", "tokenizer_2")]
-        bundle.text_encoders = [
-            _frozen(CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder"), device, tdtype),
-            _frozen(CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder_2"), device, tdtype),
-        ]
+        bundle.tokenizers, bundle.text_encoders = load_text_encoders(
+            path, device=device, dtype=text_dtype or DTYPES[tcfg.dtype])
     return bundle
 
 
-# SDXL-Base's training noise schedule (its scheduler config), for teachers built without a folder.
-SDXL_NOISE_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+# SDXL-Base-1.0's scheduler config (its scheduler/scheduler_config.json): the tiny pipeline writes it, and teachers
+# built without a folder take their noise schedule from it.
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
 
 
 def random_teacher(tcfg: Any, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
@@ -145,7 +169,7 @@ def random_teacher(tcfg: Any, *, device: torch.device | str = "cpu", dtype: torc
             p.normal_(0.0, std, generator=gen)
     unet = _frozen(unet, device, dtype or DTYPES[tcfg.dtype])
     scheduler = DDPMScheduler(num_train_timesteps=tcfg.num_train_timesteps, prediction_type=tcfg.prediction_type,
-                              **SDXL_NOISE_SCHEDULE)
+                              **{k: SDXL_SCHEDULER_CONFIG[k] for k in ("beta_start", "beta_end", "beta_schedule")})
     return TeacherBundle(unet=unet, noise_scheduler=scheduler, path=None)
 
 

@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from distill.students import sdxl_base_unet_config
+from distill.teachers import SDXL_SCHEDULER_CONFIG
 
 TINY_DIR_ENV = "KOALA_TINY_DIR"  # overrides default_tiny_pipeline_dir()
 TEXT_HIDDEN = 32  # width of each tiny text encoder; the U-Net's cross-attention sees both, concatenated
@@ -48,17 +49,6 @@ _PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
 
 # SDXL-Base-1.0's scheduler config (stabilityai/stable-diffusion-xl-base-1.0,
 # scheduler/scheduler_config.json).
-SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "interpolation_type": "linear",
-    "use_karras_sigmas": False,
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
-}
 
 # Common caption English; the tokenizer's merges are learned from it so captions need fewer tokens.
 _MERGE_CORPUS = """

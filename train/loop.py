@@ -148,24 +148,17 @@ class Run:
         """Teacher pipeline parts for previews; VAE and text encoders are loaded here if training did not need them."""
         if self._components is None:
             from diffusers import EulerDiscreteScheduler
-            from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-            t, path, dev = self.teacher, str(self.teacher.path), self.accelerator.device
-            vae = t.vae
-            if vae is None:
-                from diffusers import AutoencoderKL
+            from distill.teachers import load_text_encoders, load_vae
 
-                vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(dev).eval()
-            encoders = t.text_encoders or [
-                CLIPTextModel.from_pretrained(path, subfolder="text_encoder").to(dev).eval(),
-                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2").to(dev).eval(),
-            ]
-            tokenizers = t.tokenizers or [CLIPTokenizer.from_pretrained(path, subfolder=s)
-                                          for s in ("tokenizer", "tokenizer_2")]
+            t, dev = self.teacher, self.accelerator.device
+            vae = t.vae or load_vae(t.path, device=dev, vae_path=self.cfg.teacher.vae_path)
+            tokenizers, encoders = ((t.tokenizers, t.text_encoders) if t.text_encoders
+                                    else load_text_encoders(t.path, device=dev))
             self._components = {
                 "unet": t.unet, "vae": vae, "text_encoder": encoders[0], "text_encoder_2": encoders[1],
                 "tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1],
-                "scheduler": EulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
+                "scheduler": EulerDiscreteScheduler.from_pretrained(str(t.path), subfolder="scheduler"),
             }
         return self._components
 
