@@ -168,9 +168,14 @@ def random_teacher(tcfg: Any, *, device: torch.device | str = "cpu", dtype: torc
         for p in unet.parameters():
             p.normal_(0.0, std, generator=gen)
     unet = _frozen(unet, device, dtype or DTYPES[tcfg.dtype])
-    scheduler = DDPMScheduler(num_train_timesteps=tcfg.num_train_timesteps, prediction_type=tcfg.prediction_type,
-                              **{k: SDXL_SCHEDULER_CONFIG[k] for k in ("beta_start", "beta_end", "beta_schedule")})
-    return TeacherBundle(unet=unet, noise_scheduler=scheduler, path=None)
+    return TeacherBundle(unet=unet, noise_scheduler=sdxl_noise_scheduler(tcfg), path=None)
+
+
+def sdxl_noise_scheduler(tcfg: Any) -> DDPMScheduler:
+    """SDXL's training noise schedule with the teacher's length and prediction type (for teachers without a
+    folder: random weights, memory estimates)."""
+    return DDPMScheduler(num_train_timesteps=tcfg.num_train_timesteps, prediction_type=tcfg.prediction_type,
+                         **{k: SDXL_SCHEDULER_CONFIG[k] for k in ("beta_start", "beta_end", "beta_schedule")})
 
 
 def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
