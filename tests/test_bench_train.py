@@ -102,3 +102,40 @@ def test_real_shape_bench_on_the_gpu(tmp_path):
     assert result["teacher_fwd_tflop"] == pytest.approx(6.76, abs=0.01)
     assert result["student_fwd_tflop"] == pytest.approx(2.70, abs=0.01)
     assert result["peak_gib"] > 5 and 0 < result["mfu"] < 1 and math.isfinite(result["loss_total"])
+
+
+def test_out_of_memory_halves_the_micro_batch_and_says_so(monkeypatch, tmp_path):
+    """A configuration that does not fit is measured again at half the micro-batch (same optimizer batch);
+    one that never fits is reported, not raised."""
+    from train import bench
+
+    tried: list[int] = []
+    fits = 1  # the largest micro-batch that "fits"
+
+    def fake_measure(cfg, bc, profile, flops, log):
+        tried.append(cfg.train.micro_batch_size)
+        if cfg.train.micro_batch_size > fits:
+            raise torch.OutOfMemoryError("simulated")
+        return {"profile": profile, "micro_batch": cfg.train.micro_batch_size, "img_per_s": 1.0}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    bc = bench.BenchConfig(tiny=True, batch=4, micro_batch=4, min_micro_batch=1)
+    shards = bench.ensure_shards(_shape_cfg(bc), str(tmp_path), 8)
+    rec, cfg = bench.measure_or_shrink(bc, "fast", shards, str(tmp_path / "run"), 0, (1, 1), lambda _: None)
+    assert tried == [4, 2, 1] and rec["oom_micro_batches"] == [4, 2] and cfg.train.micro_batch_size == 1
+    assert cfg.train.global_batch_size == 4  # accumulation keeps the optimizer batch
+
+    tried.clear()
+    rec, _ = bench.measure_or_shrink(bench.BenchConfig(tiny=True, batch=4, micro_batch=4, min_micro_batch=2),
+                                     "fast", shards, str(tmp_path / "run2"), 0, (1, 1), lambda _: None)
+    assert tried == [4, 2] and rec["img_per_s"] is None and rec["oom_micro_batches"] == [4, 2]
+    assert "out of memory at micro-batch [4, 2]" in bench.markdown({**rec, "device": "cpu", "torch": "t",
+                                                                     "cuda": None, "diffusers": "d",
+                                                                     "accelerate": "a", "date": "today"})
+
+
+def _shape_cfg(bc):
+    from train.bench import _base
+    from train.config import load_config
+
+    return load_config(_base(bc))

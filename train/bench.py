@@ -70,6 +70,7 @@ class BenchConfig:
     data_dir: str | None = None  # synthetic latent shards (default outputs/bench_latents/<shape>; made if missing)
     workers: int | None = None  # data loader workers (default 4 on CUDA, 0 on the CPU)
     fp8_error: bool = False  # measure the FP8 teacher's output error against the bf16 teacher (CUDA >= 8.9)
+    min_micro_batch: int = 1  # on out-of-memory the micro-batch is halved down to this, then given up
 
 
 def _log(msg: str) -> None:
@@ -369,6 +370,35 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
+def measure_or_shrink(bc: BenchConfig, profile: str, shards: str, output_dir: str, workers: int,
+                      flops: tuple[int, int], log: Callable[[str], None], *, extra: list[str] | None = None
+                      ) -> tuple[dict[str, Any], Any]:
+    """`measure` one profile; when the GPU runs out of memory, halve the micro-batch (the optimizer step keeps its
+    batch through accumulation) and measure again, down to `bc.min_micro_batch`. The record lists the micro-batches
+    that did not fit under `oom_micro_batches`; returns (record, the config measured)."""
+    micro = bc.micro_batch
+    failed: list[int] = []
+    while True:
+        cfg = compose(replace(bc, micro_batch=micro), profile, shards, output_dir, workers=workers, extra=extra)
+        if failed and cfg.train.micro_batch_size >= failed[-1]:  # an override pins the micro-batch
+            log(f"[{profile}] out of memory at micro-batch {failed[-1]}, which an override pins; not measured")
+            return {"profile": profile, "oom_micro_batches": failed, "img_per_s": None}, cfg
+        try:
+            rec = measure(cfg, bc, profile, flops, log)
+        except torch.OutOfMemoryError:
+            failed.append(cfg.train.micro_batch_size)
+            _free(torch.device("cuda"))
+            _reset_accelerate()
+            micro = cfg.train.micro_batch_size // 2
+            if micro < bc.min_micro_batch:
+                log(f"[{profile}] out of memory at micro-batch {failed[-1]}; not measured")
+                return {"profile": profile, "oom_micro_batches": failed, "img_per_s": None}, cfg
+            log(f"[{profile}] out of memory at micro-batch {failed[-1]}; trying {micro}")
+            continue
+        rec["oom_micro_batches"] = failed
+        return rec, cfg
+
+
 def run_bench(bc: BenchConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Measure bc.profile (and first the plain profile with compare_plain); return one JSON-able dict: the
     environment, the measured profile's record at the top level, `plain` and `speedup_vs_plain` when compared,
@@ -389,14 +419,15 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = _log) -> dict[str, A
         result: dict[str, Any] = {"bench": "train", **environment(device)}
         plain = None
         if bc.compare_plain:
-            plain_cfg = compose(bc, "plain", shards, f"{tmp}/plain", workers=workers, extra=bc.plain_overrides)
-            plain = measure(plain_cfg, bc, "plain", flops, log)
-        main_cfg = compose(bc, bc.profile, shards, f"{tmp}/{bc.profile}", workers=workers,
-                           extra=bc.plain_overrides if bc.profile == "plain" else None)
-        result.update(measure(main_cfg, bc, bc.profile, flops, log))
+            plain, _ = measure_or_shrink(bc, "plain", shards, f"{tmp}/plain", workers, flops, log,
+                                         extra=bc.plain_overrides)
+        rec, main_cfg = measure_or_shrink(bc, bc.profile, shards, f"{tmp}/{bc.profile}", workers, flops, log,
+                                          extra=bc.plain_overrides if bc.profile == "plain" else None)
+        result.update(rec)
         if plain is not None:
             result["plain"] = plain
-            result["speedup_vs_plain"] = round(result["img_per_s"] / plain["img_per_s"], 3)
+            if result["img_per_s"] and plain["img_per_s"]:
+                result["speedup_vs_plain"] = round(result["img_per_s"] / plain["img_per_s"], 3)
         if bc.fp8_error:
             result["fp8_error"] = fp8_teacher_error(main_cfg)
     result["config"] = asdict(bc)
@@ -414,6 +445,9 @@ def markdown(result: dict[str, Any]) -> str:
             "first step s |\n|---|---|---|---|---|---|---|---|---|")
     rows = []
     for rec in [r for r in (result.get("plain"), result) if r]:
+        if rec.get("img_per_s") is None:
+            rows.append(f"| {rec['profile']} | out of memory at micro-batch {rec['oom_micro_batches']} |||||||")
+            continue
         o = dict(rec["options"])
         if not o["compile"]:
             o.pop("compile_mode"), o.pop("compile_backend")
