@@ -1,0 +1,7 @@
+"""Students, teachers, feature taps and losses of KOALA distillation."""
+
+import logging
+
+# bitsandbytes (the low-memory profile's 8-bit AdamW), imported by diffusers whenever it is installed, warns on
+# CPUs with AVX512-BF16 that an optional 4-bit matmul kernel package is missing; nothing here uses 4-bit matmuls.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -97,6 +97,25 @@ def test_resume_restores_everything_and_matches_an_uninterrupted_run(tmp_path, d
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_resume_with_8bit_adam_matches_an_uninterrupted_run(tmp_path, demo_shards, tiny_pipeline_dir):
+    """The low-memory profile's optimizer: bitsandbytes' uint8 moments and scales go through the checkpoint."""
+    pytest.importorskip("bitsandbytes")
+    common = ("train.max_steps=4", "train.checkpoint_every=2", "train.ema=false", "train.optimizer=adamw8bit",
+              "train.fused_adam=false", "train.lr=1e-3")
+    full_run, _ = run_cfg(tiny_cfg(tmp_path / "full", demo_shards, tiny_pipeline_dir, *common))
+    assert type(full_run.optimizer.optimizer).__name__ == "AdamW8bit"
+    full = {k: v.clone() for k, v in full_run.unwrapped.state_dict().items()}
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_cfg(tiny_cfg(out, demo_shards, tiny_pipeline_dir, *common), callbacks=[StopAt(3)])
+    resumed_run, summary = run_cfg(tiny_cfg(out, demo_shards, tiny_pipeline_dir, *common, "train.resume=latest"))
+    assert summary["steps"] == 4
+    states = [s for s in resumed_run.optimizer.optimizer.state.values() if "state1" in s]
+    assert any(s["state1"].dtype == torch.uint8 for s in states)  # 8-bit moments (small tensors stay fp32)
+    for k, v in full.items():
+        torch.testing.assert_close(resumed_run.unwrapped.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
 def test_export_loads_in_diffusers_and_makes_an_image(tmp_path, demo_shards, tiny_pipeline_dir):
     from diffusers import StableDiffusionXLPipeline
 
