@@ -116,6 +116,26 @@ def test_resume_with_8bit_adam_matches_an_uninterrupted_run(tmp_path, demo_shard
         torch.testing.assert_close(resumed_run.unwrapped.state_dict()[k], v, rtol=0, atol=1e-6)
 
 
+def test_ema_checkpoint_saves_the_average_and_leaves_the_live_weights_untouched(tmp_path, demo_shards,
+                                                                                  tiny_pipeline_dir):
+    from diffusers import UNet2DConditionModel
+
+    from train.loop import save_checkpoint
+
+    cfg = tiny_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=3", "train.checkpoint_every=0",
+                   "train.ema=true", "train.ema_decay=0.5", "train.lr=1e-3")
+    run, _ = run_cfg(cfg)
+    live = {k: v.clone() for k, v in run.unwrapped.state_dict().items()}
+    path = save_checkpoint(run)
+    for k, v in run.unwrapped.state_dict().items():
+        assert torch.equal(v, live[k]), k  # the EMA weights were swapped in for saving and swapped out again
+    saved = UNet2DConditionModel.from_pretrained(path / "student_ema")
+    shadow = run.ema.model.shadow_params
+    for p, s in zip(saved.parameters(), shadow, strict=True):
+        torch.testing.assert_close(p, s.to(p.dtype), rtol=0, atol=0)
+    assert any(not torch.equal(p, q) for p, q in zip(saved.parameters(), run.unwrapped.parameters(), strict=True))
+
+
 def test_export_loads_in_diffusers_and_makes_an_image(tmp_path, demo_shards, tiny_pipeline_dir):
     from diffusers import StableDiffusionXLPipeline
 

@@ -135,13 +135,13 @@ class SampleGrid(Callback):
         if run.accelerator.is_main_process:
             from distill.preview import teacher_student_grid
 
-            student = run.student_for_export()
-            grid = teacher_student_grid(
-                run.teacher_components(), student, list(run.cfg.train.sample_prompts),
-                seed=run.cfg.train.sample_seed, steps=run.cfg.teacher.sampler.steps,
-                guidance_scale=run.cfg.teacher.sampler.guidance_scale, resolution=run.cfg.teacher.resolution,
-                timestep_spacing=run.cfg.teacher.sampler.timestep_spacing,
-            )
+            with run.student_for_export() as student:
+                grid = teacher_student_grid(
+                    run.teacher_components(), student, list(run.cfg.train.sample_prompts),
+                    seed=run.cfg.train.sample_seed, steps=run.cfg.teacher.sampler.steps,
+                    guidance_scale=run.cfg.teacher.sampler.guidance_scale, resolution=run.cfg.teacher.resolution,
+                    timestep_spacing=run.cfg.teacher.sampler.timestep_spacing,
+                )
             path = run.output_dir / "samples" / f"step_{run.state.step:09d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)

@@ -8,11 +8,13 @@ seeded by (seed, rank, step, micro-batch), so a resumed run draws exactly what t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,15 +132,21 @@ class Run:
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.student)
 
-    def student_for_export(self) -> torch.nn.Module:
-        """The student as exported: the EMA weights when EMA is on, else the live weights (unwrapped)."""
+    @contextlib.contextmanager
+    def student_for_export(self) -> Iterator[torch.nn.Module]:
+        """The unwrapped student holding the weights to export: with EMA on, the EMA weights while inside (the
+        live weights wait in host memory and come back bit for bit on exit, so no second copy of the student
+        sits on the GPU); else the live weights."""
         if self.ema is None:
-            return self.unwrapped
-        import copy
-
-        shadow = copy.deepcopy(self.unwrapped)
-        self.ema.copy_to(shadow)
-        return shadow
+            yield self.unwrapped
+            return
+        params = list(self.unwrapped.parameters())
+        self.ema.model.store(params)  # a CPU copy
+        self.ema.copy_to(self.unwrapped)
+        try:
+            yield self.unwrapped
+        finally:
+            self.ema.model.restore(params)
 
     def skip_counts(self) -> dict[str, int]:
         counts = getattr(self.loader, "skip_counts", None)
@@ -331,7 +339,8 @@ def save_checkpoint(run: Run) -> Path:
     if acc.is_main_process:
         run.unwrapped.save_pretrained(tmp / "student")
         if run.ema is not None:
-            run.student_for_export().save_pretrained(tmp / "student_ema")
+            with run.student_for_export() as student:
+                student.save_pretrained(tmp / "student_ema")
     acc.wait_for_everyone()
     path = ckpt.checkpoint_root(run.output_dir) / ckpt.checkpoint_name(step)
     if acc.is_main_process:
@@ -456,8 +465,9 @@ def train(run: Run) -> dict[str, Any]:
         if cfg.train.export and acc.is_main_process:
             from train.export import export_pipeline
 
-            summary["export_dir"] = str(export_pipeline(run.teacher.path, cfg.teacher, run.student_for_export(),
-                                                        run.output_dir / "export"))
+            with run.student_for_export() as student:
+                summary["export_dir"] = str(export_pipeline(run.teacher.path, cfg.teacher, student,
+                                                            run.output_dir / "export"))
         grid = next((cb.last_path for cb in run.callbacks if isinstance(cb, SampleGrid)), None)
         summary["samples"] = str(grid) if grid else None
     summary["kd_loss_first"] = float(np.mean([float(x) for x in st.kd_first])) if st.kd_first else None
