@@ -11,11 +11,11 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help venv test test-fast lint demo demo-data tiny inspect data latents sample eval \
-        bench-data bench-train bench-infer clean
+        bench-data bench-train bench-infer plan-memory clean
 
 help:
 	@echo "make demo | test | test-fast | lint | inspect | tiny | demo-data | data SRC=.. OUT=.. | latents |"
-	@echo "     sample | eval | bench-data | bench-train | bench-infer | clean"
+	@echo "     sample | eval | bench-data | bench-train | bench-infer | plan-memory | clean"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -72,6 +72,9 @@ bench-infer: $(STAMP)  ## model-card latency table (tiny shapes without a GPU); 
 
 bench-train: $(STAMP)  ## training-step img/s, MFU, peak memory (JSON; tiny shapes without a GPU); ARGS="--compare-plain"
 	$(PY) scripts/bench_train.py $(ARGS)
+
+plan-memory: $(STAMP)  ## one GPU's peak training memory, estimated on the CPU; ARGS="+experiment=koala_1b train.micro_batch_size=16"
+	$(PY) scripts/estimate_memory.py $(or $(ARGS),+experiment=koala_1b)
 
 clean:
 	rm -rf runs outputs .pytest_cache .ruff_cache

@@ -6,7 +6,7 @@
 # The training suite, in one run on one H100/H200, about 8-9 minutes:
 #   1. the naive baseline: ../shared/bench/anchor_unets.py --warmup 3 (latency table + naive KD train step)
 #   2. KOALA-1B, batch 32, 1024 px: the plain step (micro-batch 32 + full gradient checkpointing, the anchor's
-#      batch-32 setting) and then the fast one, in one process (scripts/bench_train.py --compare-plain), plus
+#      batch-32 setting; estimated 38.3 GiB) and then the fast one (8 x 4 accumulation), in one process (scripts/bench_train.py --compare-plain), plus
 #      the FP8 teacher's output error where the GPU has FP8 (capability >= 8.9)
 #   3. KOALA-700M, low-memory profile (conf/experiment/koala_700m_lowmem.yaml): peak memory and img/s
 # Results go to $OUT (default outputs/gpu_checks): anchor.jsonl, fast_1b_b32.json, lowmem_700m_b32.json,
@@ -84,10 +84,12 @@ else
   say "SKIPPED anchor: anchor_unets.py not found (set ANCHOR=path)"
 fi
 
-# 2. KOALA-1B batch 32: plain (as the anchor's batch-32 row) then fast, one process. The fast step runs 16 x 2
-# accumulation: micro-batch 32 without recomputation is estimated at ~100 GiB compiled (from the anchor's batch-8
-# peaks), over the 70 GiB target; MICRO=32 with --set train.checkpointing_blocks=[UP-1,DW-2] is the alternative.
-MICRO=${MICRO:-16}
+# 2. KOALA-1B batch 32: plain (as the anchor's batch-32 row) then fast, one process. The fast step runs 8 x 4
+# accumulation. scripts/estimate_memory.py (eager, on the CPU) puts micro-batch 8 at 50.9 GiB (60 to plan with),
+# 16 at 77.6 (92 to plan with: over the 70 GiB target, maybe over an H100's 80 GB) and 32 with UP-1/DW-2 recomputed
+# at 90.7; compilation lowers these (the anchor: 53.4 -> 44.4 GiB). If a micro-batch runs out of memory anyway,
+# bench_train measures again at half of it and says so.
+MICRO=${MICRO:-8}
 TMP_OUT=$(mktemp -d)
 run_stage fast_1b_b32 240 $PY scripts/bench_train.py --student koala_1b --batch 32 --micro-batch "$MICRO" \
   --compare-plain --plain-set train.micro_batch_size=32 --plain-set train.gradient_checkpointing=true \
