@@ -68,7 +68,7 @@ done
 
 SUITE=${1:-train}
 if [[ "$SUITE" == infer ]]; then
-  [[ -n "$ANCHOR" ]] && run_stage anchor_latency 120 bash -c "$PY '$ANCHOR' --latency-only --warmup 10 | tee '$OUT/anchor_latency.jsonl'"
+  [[ -n "$ANCHOR" ]] && run_stage anchor_latency 120 bash -c "set -o pipefail; $PY '$ANCHOR' --latency-only --warmup 10 | tee '$OUT/anchor_latency.jsonl'"
   run_stage infer_plain 120 $PY scripts/bench_infer.py --dtype fp16 --out "$OUT/infer_plain"
   run_stage infer_fast 200 $PY scripts/bench_infer.py --fast --models koala_700m koala_1b --out "$OUT/infer_fast"
   run_stage infer_regional 120 $PY scripts/bench_infer.py --dtype fp16 --channels-last --fuse-qkv --compile regional \
@@ -79,7 +79,7 @@ fi
 
 # 1. the naive baseline (same machine, same session as the project's numbers)
 if [[ -n "$ANCHOR" ]]; then
-  run_stage anchor 90 bash -c "$PY '$ANCHOR' --warmup 3 | tee '$OUT/anchor.jsonl'"
+  run_stage anchor 90 bash -c "set -o pipefail; $PY '$ANCHOR' --warmup 3 | tee '$OUT/anchor.jsonl'"
 else
   say "SKIPPED anchor: anchor_unets.py not found (set ANCHOR=path)"
 fi
