@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from train.config import CONF_DIR, ConfigError, load_config, validate
 
@@ -104,3 +105,19 @@ def test_inspect_student_json():
     assert out["koala_1b"]["student_params"] == 1_161_184_324
     assert out["koala_700m"]["student_params"] == 782_822_724
     assert out["koala_700m"]["ratio"] == round(782_822_724 / 2_567_463_684, 4)
+
+
+def test_out_of_memory_is_one_line_with_advice_and_exit_4(monkeypatch, capsys, demo_shards):
+    from train import loop
+    from train import main as entry
+
+    def no_memory(cfg, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "setup", no_memory)
+    code = entry.main([f"data.shards={demo_shards}", "train.micro_batch_size=2", "train.global_batch_size=4"])
+    assert code == 4
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory")
+    assert "train.micro_batch_size=2" in lines[0] and "make plan-memory" in lines[0]
+    assert "train.global_batch_size=4" in lines[0]

@@ -25,19 +25,41 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    import torch
+
     from train.loop import NonFiniteError, setup, train
 
-    run = setup(cfg)
     try:
+        run = setup(cfg)
         summary = train(run)
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except torch.OutOfMemoryError:
+        print(f"error: {out_of_memory_advice(cfg, overrides)}", file=sys.stderr)
+        return 4
     if run.accelerator.is_main_process:
         wandb_dir = Path(cfg.train.output_dir) / "wandb"
         summary["wandb_dir"] = str(wandb_dir) if wandb_dir.exists() else None
         print(json.dumps(summary), flush=True)
     return 0
+
+
+def out_of_memory_advice(cfg: object, overrides: list[str]) -> str:
+    """One line for a CUDA out-of-memory error: where, at which micro-batch, and what to change."""
+    import shlex
+
+    import torch
+
+    where = "the GPU"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        where = f"{props.name} ({props.total_memory / 2**30:.1f} GiB)"
+    tr = cfg.train
+    return (f"out of memory on {where} at train.micro_batch_size={tr.micro_batch_size}: lower it (accumulation "
+            f"keeps train.global_batch_size={tr.global_batch_size}), or recompute stages with "
+            f"train.checkpointing_blocks=[UP-1,UP-2]; `make plan-memory ARGS={shlex.quote(' '.join(overrides))}` "
+            "estimates the peak in seconds on the CPU. Checkpoints already written are intact (train.resume=latest)")
 
 
 if __name__ == "__main__":
