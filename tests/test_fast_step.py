@@ -268,3 +268,37 @@ def test_fp8_teacher_is_refused_without_a_capable_gpu_and_close_on_the_cpu_arith
         out = q_model(x, t, **kwargs).sample.float()
     rel = float((out - ref).norm() / ref.norm())
     assert 0 < rel < 0.05, rel
+
+
+class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make the host wait for the device (.item(), bool(tensor), torch.equal)."""
+
+    OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+           torch.ops.aten.equal.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.OPS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_step_never_waits_for_the_device_between_log_steps(tmp_path, tiny_shards, fused):
+    """With fused AdamW (non-finite skip on the device) a step that neither logs nor checkpoints reads no tensor
+    value on the host. The plain step does (its finiteness check of the gradient norm; on the CPU also AdamW's step
+    counters, which live on the host on a GPU), which shows that the counter sees them."""
+    from train.loop import setup, train_one_step
+
+    cfg = _cfg(tmp_path, tiny_shards, "sync", "train.global_batch_size=4", f"train.fused_adam={str(fused).lower()}")
+    run = setup(cfg, show_progress=False)
+    run.loader_iter = iter(run.loader)
+    train_one_step(run)  # the first step creates the optimizer state
+    syncs = _HostSyncs()
+    with syncs:
+        train_one_step(run)
+    assert run.accum == 2
+    assert (syncs.count == 0) if fused else (syncs.count > 0)
+    run.distiller.close()
