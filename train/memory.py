@@ -85,7 +85,7 @@ class StatesOnly8bitAdam(torch.optim.Optimizer):
         super().__init__(params, {})
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # noqa: ARG002 - the Optimizer interface
+    def step(self, closure: Any = None) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None or self.state[p]:
@@ -119,7 +119,8 @@ def _inputs(cfg: Any, batch: int) -> Any:
 
 
 def estimate_memory(cfg: Any, *, world_size: int = 1, optimizer_steps: int = 2) -> dict[str, Any]:
-    """Estimated peak memory of one GPU of `cfg`'s run (a composed, validated config), in GiB, with its parts.
+    """Estimated peak memory of one GPU of `cfg`'s run (a composed config; paths need not exist), in GiB, with its
+    parts.
 
     Keys: peak_gib (the eager step as tracked), plan_gib (peak x CALIBRATION: what to budget), peak_phase
     (inputs | teacher forward | student forward | backward | optimizer), teacher/student weights, gradients,
@@ -179,7 +180,7 @@ def estimate_memory(cfg: Any, *, world_size: int = 1, optimizer_steps: int = 2) 
                     torch.nn.utils.clip_grad_norm_(student.parameters(), tr.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                gc.collect()  # autograd graphs with reference cycles (checkpointing) go now, as between real steps
+                gc.collect()  # anything held only by reference cycles goes before the next step
         for h in handles:
             h.remove()
         distiller.close()
