@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]
 
     try:
         cfg = load_config(list(a.overrides))
-        result = estimate_memory(cfg, world_size=a.world_size)
+        result = {"overrides": list(a.overrides), **estimate_memory(cfg, world_size=a.world_size)}
     except ValueError as exc:  # config errors included: one line
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -10,8 +10,9 @@
 #      the FP8 teacher's output error where the GPU has FP8 (capability >= 8.9)
 #   3. KOALA-700M, low-memory profile (conf/experiment/koala_700m_lowmem.yaml): peak memory and img/s
 # Results go to $OUT (default outputs/gpu_checks): anchor.jsonl, fast_1b_b32.json, lowmem_700m_b32.json,
-# summary.md (the Markdown tables), env.txt and log.txt. Stages run under one time budget (BUDGET_S, default 540 s);
-# a stage that does not fit is skipped and says so in log.txt.
+# summary.md (the Markdown tables), estimates.jsonl (the memory planner's, for comparison), env.txt and log.txt.
+# Stages run under one time budget (BUDGET_S, default 540 s); a stage that does not fit is skipped and says so in
+# log.txt.
 #
 # Estimated time on one H100 (not measured): anchor ~1.5 min; plain ~0.7 min; fast ~3-4 min, most of it compiling
 # every resnet/attention/feed-forward shape of teacher and student once; low-memory ~2.5-3 min (compiles again:
@@ -77,6 +78,18 @@ if [[ "$SUITE" == infer ]]; then
   exit 0
 fi
 
+# 0. the memory planner's estimates of the configurations measured below, on one CPU core in the background (no
+# GPU time): measured peaks beside estimates check its calibration on this project's step
+(
+  for args in "train.global_batch_size=32 train.micro_batch_size=32 train.gradient_checkpointing=true" \
+              "train.global_batch_size=32 train.micro_batch_size=${MICRO:-8} train.fused_adam=true"; do
+    timeout 300 nice -n 19 env OMP_NUM_THREADS=1 $PY scripts/estimate_memory.py +experiment=koala_1b $args
+  done
+  timeout 300 nice -n 19 env OMP_NUM_THREADS=1 $PY scripts/estimate_memory.py +experiment=koala_700m_lowmem \
+    train.global_batch_size=32
+) > "$OUT/estimates.jsonl" 2> "$OUT/estimates.log" &
+PLANNER=$!
+
 # 1. the naive baseline (same machine, same session as the project's numbers)
 if [[ -n "$ANCHOR" ]]; then
   run_stage anchor 90 bash -c "set -o pipefail; $PY '$ANCHOR' --warmup 3 | tee '$OUT/anchor.jsonl'"
@@ -103,4 +116,6 @@ run_stage lowmem_700m 150 $PY scripts/bench_train.py --student koala_700m --prof
 [[ -f "$TMP_OUT/bench_train_lowmem_700m_b32.json" ]] \
   && cp "$TMP_OUT/bench_train_lowmem_700m_b32.json" "$OUT/lowmem_700m_b32.json" \
   && { echo; cat "$TMP_OUT/bench_train_lowmem_700m_b32.md"; } >> "$OUT/summary.md"
+wait "$PLANNER" 2>/dev/null
+say "planner estimates: $(wc -l < "$OUT/estimates.jsonl") of 3 in estimates.jsonl"
 say "done"
