@@ -107,13 +107,21 @@ def test_real_shape_bench_on_the_gpu(tmp_path):
 def test_out_of_memory_halves_the_micro_batch_and_says_so(monkeypatch, tmp_path):
     """A configuration that does not fit is measured again at half the micro-batch (same optimizer batch);
     one that never fits is reported, not raised."""
+    import weakref
+
     from train import bench
 
     tried: list[int] = []
     fits = 1  # the largest micro-batch that "fits"
+    models: list[weakref.ref] = []
 
     def fake_measure(cfg, bc, profile, flops, log):
+        # the models of the attempt that ran out of memory are gone before the next attempt sets up its own
+        assert all(ref() is None for ref in models)
         tried.append(cfg.train.micro_batch_size)
+        model = torch.nn.Linear(4, 4)  # held by this frame, as the real set-up's models are
+        model.self_ref = model  # a reference cycle: only the collector frees it
+        models.append(weakref.ref(model))
         if cfg.train.micro_batch_size > fits:
             raise torch.OutOfMemoryError("simulated")
         return {"profile": profile, "micro_batch": cfg.train.micro_batch_size, "img_per_s": 1.0}
@@ -126,6 +134,7 @@ def test_out_of_memory_halves_the_micro_batch_and_says_so(monkeypatch, tmp_path)
     assert cfg.train.global_batch_size == 4  # accumulation keeps the optimizer batch
 
     tried.clear()
+    models.clear()
     rec, _ = bench.measure_or_shrink(bench.BenchConfig(tiny=True, batch=4, micro_batch=4, min_micro_batch=2),
                                      "fast", shards, str(tmp_path / "run2"), 0, (1, 1), lambda _: None)
     assert tried == [4, 2] and rec["img_per_s"] is None and rec["oom_micro_batches"] == [4, 2]

@@ -386,17 +386,19 @@ def measure_or_shrink(bc: BenchConfig, profile: str, shards: str, output_dir: st
         try:
             rec = measure(cfg, bc, profile, flops, log)
         except torch.OutOfMemoryError:
-            failed.append(cfg.train.micro_batch_size)
-            _free(torch.device("cuda"))
-            _reset_accelerate()
-            micro = cfg.train.micro_batch_size // 2
-            if micro < bc.min_micro_batch:
-                log(f"[{profile}] out of memory at micro-batch {failed[-1]}; not measured")
-                return {"profile": profile, "oom_micro_batches": failed, "img_per_s": None}, cfg
-            log(f"[{profile}] out of memory at micro-batch {failed[-1]}; trying {micro}")
-            continue
-        rec["oom_micro_batches"] = failed
-        return rec, cfg
+            rec = None
+        if rec is not None:
+            rec["oom_micro_batches"] = failed
+            return rec, cfg
+        # Outside the except block the traceback is gone, and with it the frames that held the models.
+        failed.append(cfg.train.micro_batch_size)
+        _free(torch.device("cuda"))
+        _reset_accelerate()
+        micro = cfg.train.micro_batch_size // 2
+        if micro < bc.min_micro_batch:
+            log(f"[{profile}] out of memory at micro-batch {failed[-1]}; not measured")
+            return {"profile": profile, "oom_micro_batches": failed, "img_per_s": None}, cfg
+        log(f"[{profile}] out of memory at micro-batch {failed[-1]}; trying {micro}")
 
 
 def run_bench(bc: BenchConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
