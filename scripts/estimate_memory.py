@@ -5,6 +5,7 @@ as for train/main.py; paths need not exist (the shapes come from the shipped U-N
 
     python scripts/estimate_memory.py +experiment=koala_1b train.micro_batch_size=16
     python scripts/estimate_memory.py +experiment=koala_700m_lowmem
+    python scripts/estimate_memory.py --fit 80 +experiment=koala_1b               # largest micro-batch for 80 GiB
     python scripts/estimate_memory.py --anchor ../shared/bench/anchor_unets.py   # the calibration runs
 """
 
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--anchor", default=None, help="estimate ../shared/bench/anchor_unets.py's measured configs")
     p.add_argument("--world-size", type=int, default=1, help="processes (sets the accumulation)")
+    p.add_argument("--fit", type=float, default=None, metavar="GIB",
+                   help="find the largest micro-batch whose planned peak fits in GIB (a few estimates)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +experiment=koala_1b")
     a = p.parse_args(argv)
     if a.anchor:
@@ -91,9 +94,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]
             print(json.dumps(rec), flush=True)
         return out
     from train.config import load_config
-    from train.memory import estimate_memory
+    from train.memory import estimate_memory, largest_micro_batch
 
     try:
+        if a.fit is not None:
+            best, tried = largest_micro_batch(list(a.overrides), a.fit, world_size=a.world_size)
+            result = {"overrides": list(a.overrides), "budget_gib": a.fit, "micro_batch": best,
+                      "tried": {t["micro_batch"]: t["plan_gib"] for t in tried}}
+            fitting = [t for t in tried if t["micro_batch"] == best]
+            if fitting:
+                result["estimate"] = fitting[0]
+            print(json.dumps(result), flush=True)
+            return result
         cfg = load_config(list(a.overrides))
         result = {"overrides": list(a.overrides), **estimate_memory(cfg, world_size=a.world_size)}
     except ValueError as exc:  # config errors included: one line

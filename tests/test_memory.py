@@ -148,3 +148,22 @@ def test_anchor_calibration_run_reproduces_its_documented_estimate():
 
     (rec,) = anchor_estimates(str(ANCHOR), only=[("koala_1b", 8, False)])
     assert rec["estimate_gib"] == 46.0  # the figure CALIBRATION was derived from (train/memory.py)
+
+
+@pytest.mark.parametrize("budget, expected, processes", [(45, 4, 1), (10, 1, 1), (5, None, 1), (1000, 24, 1),
+                                                         (1000, 12, 2)])
+def test_fit_finds_the_largest_dividing_micro_batch_under_the_budget(monkeypatch, budget, expected, processes):
+    """Bisection over the divisors of the per-process batch (24 -> 1, 2, 3, 4, 6, 8, 12, 24), with a planned peak
+    that grows with the micro-batch (10 GiB per image here)."""
+    from train import memory
+
+    seen = []
+
+    def fake_estimate(cfg, *, world_size=1, optimizer_steps=2):
+        seen.append(cfg.train.micro_batch_size)
+        return {"micro_batch": cfg.train.micro_batch_size, "plan_gib": 10.0 * cfg.train.micro_batch_size}
+
+    monkeypatch.setattr(memory, "estimate_memory", fake_estimate)
+    best, tried = memory.largest_micro_batch(["train.global_batch_size=24"], budget, world_size=processes)
+    assert best == expected
+    assert len(seen) <= 4 and [t["micro_batch"] for t in tried] == seen  # log2 of 8 candidates, not all of them

@@ -207,5 +207,32 @@ def estimate_memory(cfg: Any, *, world_size: int = 1, optimizer_steps: int = 2) 
     }
 
 
+def largest_micro_batch(overrides: list[str], budget_gib: float, *, world_size: int = 1
+                        ) -> tuple[int | None, list[dict[str, Any]]]:
+    """The largest micro-batch (a divisor of the per-process batch, so accumulation keeps the global batch) whose
+    `plan_gib` fits in `budget_gib`, by bisection (peak memory grows with the micro-batch); None if even 1 does
+    not fit. Returns it with the estimates made on the way."""
+    from train.config import load_config
+
+    cfg = load_config(overrides)
+    per_process, rest = divmod(cfg.train.global_batch_size, world_size)
+    if rest:
+        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by {world_size} "
+                         "processes")
+    sizes = [m for m in range(1, per_process + 1) if per_process % m == 0]
+    tried: list[dict[str, Any]] = []
+    lo, hi, best = 0, len(sizes) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        est = estimate_memory(load_config([*overrides, f"train.micro_batch_size={sizes[mid]}"]),
+                              world_size=world_size)
+        tried.append(est)
+        if est["plan_gib"] <= budget_gib:
+            best, lo = sizes[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best, tried
+
+
 def _gib(nbytes: float) -> float:
     return round(nbytes / GIB, 3)
