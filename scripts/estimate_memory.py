@@ -1,4 +1,4 @@
-"""Estimate one GPU's peak training memory for a config, on the CPU in seconds, before renting the GPU.
+"""Estimate one GPU's peak training memory for a config, on the CPU in under a minute, before renting the GPU.
 
 Prints one JSON line (GiB; see train/memory.py for what is and is not modelled). Arguments are Hydra overrides,
 as for train/main.py; paths need not exist (the shapes come from the shipped U-Net configs).

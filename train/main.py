@@ -59,7 +59,8 @@ def out_of_memory_advice(cfg: object, overrides: list[str]) -> str:
     return (f"out of memory on {where} at train.micro_batch_size={tr.micro_batch_size}: lower it (accumulation "
             f"keeps train.global_batch_size={tr.global_batch_size}), or recompute stages with "
             f"train.checkpointing_blocks=[UP-1,UP-2]; `make plan-memory ARGS={shlex.quote(' '.join(overrides))}` "
-            "estimates the peak in seconds on the CPU. Checkpoints already written are intact (train.resume=latest)")
+            "estimates the peak on the CPU in under a minute. Checkpoints already written are intact "
+            "(train.resume=latest)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Peak GPU memory of a training configuration, estimated on the CPU in seconds: `make plan-memory`.
+"""Peak GPU memory of a training configuration, estimated on the CPU in under a minute: `make plan-memory`.
 
 The run's own pieces (teacher and student at the config's shapes and dtypes, the student's gradient checkpointing,
 the feature taps, `Distiller.forward`, autocast, backward, clipping, the optimizer) execute on fake tensors
