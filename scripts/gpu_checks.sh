@@ -6,8 +6,9 @@
 # The training suite, in one run on one H100/H200, about 8-9 minutes:
 #   1. the naive baseline: ../shared/bench/anchor_unets.py --warmup 3 (latency table + naive KD train step)
 #   2. KOALA-1B, batch 32, 1024 px: the plain step (micro-batch 32 + full gradient checkpointing, the anchor's
-#      batch-32 setting; estimated 38.3 GiB) and then the fast one (8 x 4 accumulation), in one process (scripts/bench_train.py --compare-plain), plus
-#      the FP8 teacher's output error where the GPU has FP8 (capability >= 8.9)
+#      batch-32 setting; estimated 38.3 GiB) and then the fast one (8 x 4 accumulation), in one process
+#      (scripts/bench_train.py --compare-plain), plus the FP8 teacher's output error where the GPU has FP8
+#      (capability >= 8.9)
 #   3. KOALA-700M, low-memory profile (conf/experiment/koala_700m_lowmem.yaml): peak memory and img/s
 # Results go to $OUT (default outputs/gpu_checks): anchor.jsonl, fast_1b_b32.json, lowmem_700m_b32.json,
 # summary.md (the Markdown tables), estimates.jsonl (the memory planner's, for comparison), env.txt and log.txt.
