@@ -70,7 +70,8 @@ done
 
 SUITE=${1:-train}
 if [[ "$SUITE" == infer ]]; then
-  [[ -n "$ANCHOR" ]] && run_stage anchor_latency 120 bash -c "set -o pipefail; $PY '$ANCHOR' --latency-only --warmup 10 | tee '$OUT/anchor_latency.jsonl'"
+  [[ -n "$ANCHOR" ]] && run_stage anchor_latency 120 \
+    bash -c "set -o pipefail; $PY '$ANCHOR' --latency-only --warmup 10 | tee '$OUT/anchor_latency.jsonl'"
   run_stage infer_plain 120 $PY scripts/bench_infer.py --dtype fp16 --out "$OUT/infer_plain"
   run_stage infer_fast 200 $PY scripts/bench_infer.py --fast --models koala_700m koala_1b --out "$OUT/infer_fast"
   run_stage infer_regional 120 $PY scripts/bench_infer.py --dtype fp16 --channels-last --fuse-qkv --compile regional \
