@@ -212,3 +212,24 @@ def test_stop_file_checkpoints_and_ends_the_run(tmp_path, demo_shards, tiny_pipe
 
     assert summary["preempted"] and summary["steps"] == 3
     assert latest_checkpoint(out).name == "step_000000003" and not (out / "STOP").exists()
+
+
+def test_the_hydra_config_overrides_the_launchers_accumulation_and_clipping(monkeypatch, capsys):
+    """`accelerate launch` exports its config's accumulation/clipping and Accelerate would prefer them: a DeepSpeed
+    `auto` crashed `int()`, and a number would silently change the global batch. The Hydra values win, loudly."""
+    import os
+
+    from train.loop import _pin_launcher_env
+
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "auto")
+    _pin_launcher_env(4, 1.0)
+    assert os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "4"
+    assert os.environ["ACCELERATE_GRADIENT_CLIPPING"] == "1.0"
+    assert capsys.readouterr().err == ""  # `auto` defers to us: nothing to warn about
+
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "8")
+    _pin_launcher_env(2, 1.0)
+    assert os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "2"
+    err = capsys.readouterr().err
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=8" in err and "replaced by 2" in err

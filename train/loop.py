@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 import uuid
@@ -189,9 +190,43 @@ def _wandb_mode(mode: str) -> str:
     return "online" if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore") else "offline"
 
 
+def _process_group() -> tuple[bool, int]:
+    """Form the process group before the `Accelerator`; returns (run on the CPU, number of processes).
+
+    Without CUDA, Accelerate forms a multi-process (gloo) group only when told it runs on the CPU, and under
+    DeepSpeed it picks no backend at all (every rank would believe it is alone while DeepSpeed's engine sees them
+    all); gloo is named for that case, which is how the tests run ZeRO-2 on the CPU.
+    """
+    from accelerate import PartialState
+
+    if torch.cuda.is_available():
+        return False, PartialState().num_processes
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return False, PartialState(cpu=False, backend="gloo").num_processes
+    return True, PartialState(cpu=True).num_processes
+
+
+def _pin_launcher_env(accum: int, max_grad_norm: float) -> None:
+    """Make the Hydra config the only source of accumulation steps and clipping.
+
+    `accelerate launch` exports the accelerate config's `gradient_accumulation_steps` / `gradient_clipping` as
+    environment variables, and `Accelerator` prefers them to its arguments: a DeepSpeed config's `auto` would crash
+    `int()`, and a number there would silently replace the accumulation the global batch needs.
+    """
+    import sys
+
+    for key, value in (("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", str(accum)),
+                       ("ACCELERATE_GRADIENT_CLIPPING", str(float(max_grad_norm)))):
+        given = os.environ.get(key)
+        if given not in (None, "auto", value):
+            print(f"warning: {key}={given} from the accelerate config is replaced by {value} from the Hydra config "
+                  "(train.global_batch_size, train.micro_batch_size, train.max_grad_norm)", file=sys.stderr)
+        os.environ[key] = value
+
+
 def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_progress: bool = True) -> Run:
     """Build the accelerator, teacher, student, optimizer, data stream and callbacks; resume if asked."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     from data.stream import build_loader
@@ -211,9 +246,9 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     tr = cfg.train
     output_dir = Path(tr.output_dir)
     use_wandb = cfg.tracking.wandb and cfg.tracking.mode != "disabled"
-    # Without CUDA, Accelerate forms a multi-process (gloo) group only when told it runs on the CPU.
-    on_cpu = not torch.cuda.is_available()
-    accum = grad_accum_steps(cfg, PartialState(cpu=on_cpu).num_processes)
+    on_cpu, processes = _process_group()
+    accum = grad_accum_steps(cfg, processes)
+    _pin_launcher_env(accum, tr.max_grad_norm)
     accelerator = Accelerator(
         cpu=on_cpu,
         mixed_precision=tr.mixed_precision,
@@ -227,6 +262,8 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
         ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tr.micro_batch_size
         ds_plugin.deepspeed_config["gradient_accumulation_steps"] = accum
         ds_plugin.deepspeed_config["gradient_clipping"] = tr.max_grad_norm
+        if ds_plugin.deepspeed_config.get("bf16", {}).get("enabled"):  # skip non-finite updates, as without it
+            ds_plugin.deepspeed_config["bf16"].setdefault("check_grad_overflow", True)
     main = accelerator.is_main_process
     say = accelerator.print
     if main:
@@ -357,6 +394,10 @@ def _grad_norm(run: Run) -> torch.Tensor | None:
     max_norm = run.cfg.train.max_grad_norm
     params = [p for p in run.student.parameters() if p.grad is not None]
     norm = run.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if norm is not None and not isinstance(norm, torch.Tensor):
+        # DeepSpeed clips inside its engine step (run by accelerator.backward) and reports that norm as a float;
+        # its ZeRO optimizer skips a non-finite update itself (step_was_skipped)
+        norm = torch.tensor(float(norm), device=run.accelerator.device)
     return norm
 
 
