@@ -17,12 +17,15 @@
 - `DeviceSkip`: a non-finite gradient skips the update on the device (fused AdamW's `found_inf`, the mechanism
   GradScaler uses), so the step never waits for the host; counters are read at log/checkpoint steps.
 - `move_batch`: host-to-device copies of a (pinned) batch without blocking the host.
+- `PhaseTimer`: the benchmark's breakdown of a step into phases (data, teacher forward, student forward, loss,
+  backward, optimizer), with events that never make the host wait.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -274,6 +277,50 @@ class DeviceSkip:
     def read(self) -> tuple[int, int]:
         values = torch.stack([self.total, self.in_a_row]).tolist()
         return int(values[0]), int(values[1])
+
+
+# ------------------------------------------------------------------------------------------ phase timing
+
+
+class PhaseTimer:
+    """Where a step's time goes, without making the host wait inside it.
+
+    `begin(name)` records a mark (a CUDA event on a GPU, `time.perf_counter` elsewhere) that opens phase `name`
+    and closes the phase before it; `end()` closes the last one. `totals()` synchronises once and returns the
+    seconds of each phase name, summed over everything recorded. On a GPU the events measure the device's
+    timeline, so a phase is the kernels queued between two marks (plus any wait for the host in between).
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: list[tuple[str | None, Any]] = []
+
+    def begin(self, name: str | None) -> None:
+        if self.cuda:
+            mark = torch.cuda.Event(enable_timing=True)
+            mark.record()
+        else:
+            mark = time.perf_counter()
+        self.marks.append((name, mark))
+
+    def end(self) -> None:
+        self.begin(None)
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per phase name over all closed phases, in order of first appearance."""
+        if self.cuda and self.marks:
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for (name, a), (_, b) in zip(self.marks, self.marks[1:], strict=False):
+            if name is not None:
+                out[name] = out.get(name, 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+        return out
+
+
+def begin_phase(timer: PhaseTimer | None, name: str) -> None:
+    """timer.begin(name) when a timer is attached (benchmarks); nothing otherwise."""
+    if timer is not None:
+        timer.begin(name)
 
 
 # ------------------------------------------------------------------------------------------------ options

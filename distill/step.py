@@ -17,6 +17,7 @@ from torch import Tensor
 from distill.conditioning import add_time_ids, encode_images, encode_prompts
 from distill.features import FeaturePair, FeatureTap, tap_pair
 from distill.losses import koala_loss
+from distill.perf import PhaseTimer, begin_phase
 from distill.teachers import TeacherBundle, sample_timesteps, task_target
 
 
@@ -88,6 +89,7 @@ class Distiller:
         self.dcfg = dcfg
         self.empty_prompt = empty_prompt
         self.tap_t, self.tap_s = tap_pair(teacher.unet, student_unwrapped or student, self.pairs)
+        self.phases: PhaseTimer | None = None  # a benchmark attaches one to see where the step's time goes
 
     @property
     def taps(self) -> tuple[FeatureTap, FeatureTap]:
@@ -101,12 +103,14 @@ class Distiller:
     def __call__(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
         """One forward of teacher and student on a batch; returns koala_loss's dict (see distill.losses)."""
         device = self.teacher.unet.device
+        begin_phase(self.phases, "inputs")
         inputs = prepare_inputs(batch, self.teacher, device=device, generator=generator,
                                 caption_dropout=self.dcfg.caption_dropout, empty_prompt=self.empty_prompt)
         return self.forward(inputs, generator)
 
     def forward(self, x: UNetInputs, generator: torch.Generator) -> dict[str, Tensor]:
         """The step on prepared conditioning (benchmarks call this with synthetic inputs)."""
+        begin_phase(self.phases, "noise")
         sched = self.teacher.noise_scheduler
         bsz = x.latents.shape[0]
         device = x.latents.device
@@ -116,12 +120,14 @@ class Distiller:
         target = task_target(sched, x.latents, noise, timesteps)
 
         t_dtype = self.teacher.unet.dtype
+        begin_phase(self.phases, "teacher_fwd")
         self.tap_t.clear()
         with torch.no_grad():
             teacher_out = self.teacher.unet(
                 noisy.to(t_dtype), timesteps, encoder_hidden_states=x.prompt_embeds.to(t_dtype),
                 added_cond_kwargs={"text_embeds": x.pooled.to(t_dtype), "time_ids": x.time_ids.to(t_dtype)},
             ).sample
+        begin_phase(self.phases, "student_fwd")
         self.tap_s.clear()
         student_out = self.student(
             noisy, timesteps, encoder_hidden_states=x.prompt_embeds,
@@ -132,6 +138,7 @@ class Distiller:
             missing = sorted({p.label for p in self.pairs} - (set(self.tap_s.features) & set(self.tap_t.features)))
             raise RuntimeError(f"feature hooks did not fire for {len(missing)} of {len(self.pairs)} pairs, "
                                f"e.g. {missing[:3]}")
+        begin_phase(self.phases, "loss")
         losses = koala_loss(
             student_out, teacher_out, target, self.tap_s.features, self.tap_t.features,
             w_task=self.dcfg.w_task, w_out=self.dcfg.w_out, w_feat=self.dcfg.w_feat,

@@ -15,7 +15,8 @@ from scripts import bench_train
 
 RECORD_KEYS = {"profile", "teacher", "student", "batch", "micro_batch", "accum", "options", "first_step_s", "step_s",
                "img_per_s", "teacher_fwd_tflop", "student_fwd_tflop", "tflop_per_img", "peak_tflops", "mfu",
-               "peak_gib", "peak_gib_warmup", "reserved_gib", "loss_total", "nonfinite_skipped"}
+               "peak_gib", "peak_gib_warmup", "reserved_gib", "loss_total", "nonfinite_skipped", "phases_s",
+               "phase_tflops"}
 ENV_KEYS = {"bench", "device", "torch", "cuda", "diffusers", "accelerate", "date"}
 FINITE = ("step_s", "img_per_s", "mfu", "tflop_per_img", "loss_total")
 
@@ -52,7 +53,19 @@ def test_tiny_bench_compares_plain_and_fast_through_the_trainer(tmp_path):
     # the same batch and generator through both configurations: the same losses
     assert result["loss_total"] == pytest.approx(result["plain"]["loss_total"], rel=1e-5)
     assert json.loads((out / "bench_train_t.json").read_text())["img_per_s"] == result["img_per_s"]
-    assert "| fast | tiny | 4 (2 x 2) |" in (out / "bench_train_t.md").read_text()
+    table = (out / "bench_train_t.md").read_text()
+    assert "| fast | tiny | 4 (2 x 2) |" in table
+    # the breakdown: every phase of the step, from marks in the timed steps themselves, adding up to the step
+    for rec in (result, result["plain"]):
+        phases = rec["phases_s"]
+        assert set(phases) == {"data", "inputs", "noise", "teacher_fwd", "student_fwd", "loss", "backward",
+                               "optimizer"}, phases
+        assert all(v >= 0 for v in phases.values()) and phases["teacher_fwd"] > 0 and phases["backward"] > 0
+        assert sum(phases.values()) == pytest.approx(rec["step_s"], rel=0.3)  # median vs mean of 2 steps
+        assert set(rec["phase_tflops"]) == {"teacher_fwd", "student_fwd", "backward"}
+        expected = rec["teacher_fwd_tflop"] * rec["batch"] / phases["teacher_fwd"]
+        assert rec["phase_tflops"]["teacher_fwd"] == pytest.approx(expected, rel=0.01)
+        assert f"{rec['profile']}, seconds per step: data " in table
 
 
 def test_synthetic_latent_shards_are_read_by_the_real_loader(tmp_path):

@@ -7,7 +7,9 @@ at SDXL's shapes (`teacher.random_init`); the data are synthetic latent shards i
 teacher's latent size (1024 px -> [4, 128, 128], text [77, 2048], pooled [1280]), read by the real loader.
 
 Reported per configuration: img/s = global batch / median optimizer-step time after warm-up (CUDA events at step
-boundaries, no extra synchronisation inside the timed steps; perf_counter on the CPU), the first (compiling)
+boundaries, no extra synchronisation inside the timed steps; perf_counter on the CPU), where the step's time
+goes (`phases_s`: data, inputs, noise, teacher_fwd, student_fwd, loss, backward, optimizer, per optimizer step,
+from marks recorded in the same timed steps) and the TFLOP/s each compute phase achieves, the first (compiling)
 step's time, MFU = (T + 3 S) x img/s / peak with T and S the teacher's and student's forward FLOPs for one image
 (torch.utils.flop_counter on the meta device, so nothing is allocated), peak memory over the timed steps and
 over set-up + warm-up, and the options. `compare_plain` measures the plain configuration (every switch off)
@@ -288,6 +290,15 @@ def time_steps(step: Callable[[], Any], device: torch.device, n: int) -> list[fl
     return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(n)]
 
 
+def phase_tflops(phases: dict[str, float], teacher_flops: int, student_flops: int, batch: int
+                 ) -> dict[str, float]:
+    """Achieved TFLOP/s of the compute phases: the teacher's and the student's forward, and the backward pass
+    counted as 2x the student's forward (a recomputation under checkpointing is work not counted, so it shows as
+    a lower rate). `phases` are seconds per optimizer step of `batch` images; FLOPs are per image."""
+    work = {"teacher_fwd": teacher_flops, "student_fwd": student_flops, "backward": 2 * student_flops}
+    return {k: _sig(work[k] * batch / phases[k] / 1e12) for k in work if phases.get(k)}
+
+
 def measure(cfg: Any, bc: BenchConfig, profile: str, flops: tuple[int, int], log: Callable[[str], None] = _log
             ) -> dict[str, Any]:
     """Set up the run of `cfg` with the trainer's own `setup`, run warm-up steps, time `steps` steps."""
@@ -315,13 +326,20 @@ def measure(cfg: Any, bc: BenchConfig, profile: str, flops: tuple[int, int], log
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
+    from distill.perf import PhaseTimer
+
+    timer = run.distiller.phases = PhaseTimer(device)  # marks only: the host never waits for them
+
     def step() -> None:
         nonlocal last
         last = train_one_step(run)
+        timer.end()
 
     t0 = time.perf_counter()
     times = time_steps(step, device, bc.steps)
     wall = time.perf_counter() - t0
+    run.distiller.phases = None
+    phases = {k: v / bc.steps for k, v in timer.totals().items()}
     tr = cfg.train
     med = statistics.median(times)
     teacher_flops, student_flops = flops
@@ -346,6 +364,8 @@ def measure(cfg: Any, bc: BenchConfig, profile: str, flops: tuple[int, int], log
         "reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2) if cuda else None,
         "loss_total": float(last["total"]) if last else None, "loss_kd": float(last["kd"]) if last else None,
         "nonfinite_skipped": int(nonfinite),
+        "phases_s": {k: round(v, 4) for k, v in phases.items()},
+        "phase_tflops": phase_tflops(phases, teacher_flops, student_flops, tr.global_batch_size),
     }
     log(f"[{profile}] {rec['img_per_s']} img/s, step {rec['step_s']} s, MFU {rec['mfu']}, peak {rec['peak_gib']} GiB")
     close = getattr(run.distiller, "close", None)
@@ -461,6 +481,11 @@ def markdown(result: dict[str, Any]) -> str:
                     f"| {opts} | {rec['img_per_s']} | {rec['step_s']} | {rec['mfu']} | {peak} | "
                     f"{rec['first_step_s']} |")
     lines = [env, "", head, *rows]
+    for rec in [r for r in (result.get("plain"), result) if r and r.get("phases_s")]:
+        rates = rec.get("phase_tflops", {})
+        parts = [f"{k} {v:.3g}" + (f" ({rates[k]:.3g} TFLOP/s)" if k in rates else "")
+                 for k, v in rec["phases_s"].items()]
+        lines += ["", f"{rec['profile']}, seconds per step: " + ", ".join(parts)]
     if result.get("speedup_vs_plain"):
         lines += ["", f"speed-up vs plain: {result['speedup_vs_plain']}x"]
     if result.get("fp8_error"):

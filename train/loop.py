@@ -425,22 +425,26 @@ def _counters_due(run: Run) -> bool:
 
 def train_one_step(run: Run) -> dict[str, torch.Tensor]:
     """One optimizer step over `accum` micro-batches; returns the detached loss sums (per micro-batch mean)."""
-    from distill.perf import move_batch
+    from distill.perf import begin_phase, move_batch
 
     acc, st = run.accelerator, run.state
     sums: dict[str, torch.Tensor] = {}
     applied = False
     skip = _device_skip(run)
+    phases = getattr(run.distiller, "phases", None)  # a PhaseTimer only when a benchmark breaks the step down
     run.last_keys = []
     for micro in range(run.accum):
+        begin_phase(phases, "data")
         batch = move_batch(next(run.loader_iter), acc.device)  # asynchronous copy: no host sync
         run.last_keys.extend(batch.get("keys", []))
         gen = step_generator(run.cfg.train.seed, acc.process_index, st.step, micro, acc.device)
         with acc.accumulate(run.student):
             with acc.autocast():
                 losses = run.distiller(batch, gen)
+            begin_phase(phases, "backward")
             acc.backward(losses["total"])
             if acc.sync_gradients:
+                begin_phase(phases, "optimizer")
                 norm = _grad_norm(run)
                 # The norm is of the all-reduced gradient, so every rank takes the same decision.
                 if skip is not None and norm is not None:  # the fused kernel skips a non-finite update itself
