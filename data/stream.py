@@ -382,24 +382,15 @@ class Loader:
                 f"workers = {readers} readers each need at least one: set data.resampled=true, use fewer "
                 f"workers, or re-shard into >= {readers} shards (make data ... --samples-per-shard smaller)"
             )
-        self._identity = {
-            "version": STATE_VERSION,
-            "rank": rank,
-            "world_size": world_size,
-            "num_workers": self.num_readers,
-            "seed": seed,
-            "batch_size": batch_size,
-            "num_shards": len(self.shards),
-            "resampled": cfg.resampled,
-            "kind": cfg.kind,
-        }
+        self._identity = stream_identity(cfg, num_shards=len(self.shards), batch_size=batch_size, rank=rank,
+                                         world_size=world_size, seed=seed)
         self._batches = 0
         self._positions: dict[int, dict[str, Any]] = {}
         if state is not None:
             self._load_state(state)
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        mismatched = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
+        mismatched = state_mismatch(state, self._identity)
         if mismatched:
             raise ValueError(f"loader state does not match this loader (saved, now): {mismatched}")
         self._batches = int(state["batches"])
@@ -454,6 +445,55 @@ class Loader:
             self._positions[int(position["worker"])] = position
             self._batches += 1
             yield batch
+
+
+def stream_identity(cfg: Any, *, num_shards: int, batch_size: int, rank: int, world_size: int, seed: int
+                    ) -> dict[str, Any]:
+    """What a saved loader state must match for an exact resume: the layout (rank, processes, workers per rank,
+    batch size) and the stream (seed, number of shards, resampling, kind)."""
+    return {
+        "version": STATE_VERSION,
+        "rank": rank,
+        "world_size": world_size,
+        "num_workers": max(1, cfg.num_workers),
+        "seed": seed,
+        "batch_size": batch_size,
+        "num_shards": num_shards,
+        "resampled": cfg.resampled,
+        "kind": cfg.kind,
+    }
+
+
+def state_mismatch(state: dict[str, Any], identity: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """key -> (saved, now) for every identity key on which a saved state differs; empty when it fits."""
+    return {k: (state.get(k), v) for k, v in identity.items() if state.get(k) != v}
+
+
+def last_epoch(saved: Sequence[dict[str, Any]]) -> int:
+    """The furthest data epoch any reader of the saved states (one per rank) had reached; -1 if none read."""
+    return max((int(p["epoch"]) for state in saved for p in state.get("readers", {}).values()), default=-1)
+
+
+def next_epoch_state(saved: Sequence[dict[str, Any]], identity: dict[str, Any]) -> dict[str, Any]:
+    """A loader state for a new layout (`identity`) that starts all its readers at the data epoch after the
+    furthest one the saved readers had reached.
+
+    Exact resume needs the layout that wrote the checkpoint: positions are per (rank, worker) reader and batches
+    are cut per reader. With another layout no sample is seen twice, but the rest of the interrupted epoch
+    (including samples waiting in aspect buckets) is not seen. Skip counts of the same rank carry over.
+    """
+    epoch = last_epoch(saved) + 1
+    skips: Counter[str] = Counter()
+    for state in saved:
+        if state.get("rank") == identity["rank"]:
+            for position in state.get("readers", {}).values():
+                skips.update(position.get("skips", {}))
+    readers = {
+        str(w): {"worker": w, "epoch": epoch, "group": 0, "next": 0, "pending": [],
+                 "skips": dict(skips) if w == 0 else {}, "tar_errors": {}}
+        for w in range(identity["num_workers"])
+    }
+    return {**identity, "batches": 0, "readers": readers}
 
 
 def build_loader(

@@ -139,6 +139,37 @@ def test_state_from_another_setup_is_refused(uneven_shards):
         build_loader(_cfg(folder, num_workers=0), batch_size=2, rank=0, world_size=1, seed=1, state=loader.state_dict())
 
 
+def test_a_new_layout_starts_at_the_next_epoch_and_reads_it_once(uneven_shards):
+    """2 ranks x 2 workers stop inside epoch 0; 1 rank x 1 worker at another batch size continues with epoch 1,
+    every sample of it exactly once, and carries rank 0's skip counts."""
+    from data.stream import last_epoch, next_epoch_state, stream_identity
+
+    folder, all_keys = uneven_shards
+    old = _cfg(folder, num_workers=2)
+    saved = []
+    for rank in range(2):
+        loader = build_loader(old, batch_size=3, rank=rank, world_size=2, seed=7)
+        _take(loader, 2)
+        saved.append(json.loads(json.dumps(loader.state_dict())))
+    assert last_epoch(saved) == 0
+    saved[0]["readers"]["1"]["skips"] = {"too_small": 3}  # counted by rank 0 before the checkpoint
+    saved[1]["readers"]["0"]["skips"] = {"too_small": 5}  # ... and by rank 1, which no longer exists
+
+    new = _cfg(folder, num_workers=1, buckets=False)
+    identity = stream_identity(new, num_shards=7, batch_size=2, rank=0, world_size=1, seed=7)
+    state = next_epoch_state(saved, identity)
+    with pytest.raises(ValueError, match="does not match"):  # the old state itself is refused by the new layout
+        build_loader(new, batch_size=2, rank=0, world_size=1, seed=7, state=saved[0])
+    resumed = build_loader(new, batch_size=2, rank=0, world_size=1, seed=7, state=state)
+    keys_by_epoch: dict[int, list[str]] = {}
+    for batch in _take(resumed, 40):  # 80 samples: all of epoch 1 (42) and part of epoch 2
+        for key, epoch in zip(batch["keys"], batch["epoch"].tolist(), strict=True):
+            keys_by_epoch.setdefault(epoch, []).append(key)
+    assert min(keys_by_epoch) == 1  # nothing of the interrupted epoch again
+    assert sorted(keys_by_epoch[1]) == sorted(all_keys)
+    assert resumed.skip_counts() == {"too_small": 3}
+
+
 def test_shard_specs(tmp_path):
     paths = write_synthetic_shards(str(tmp_path), num_shards=3, samples_per_shard=2)
     folder = str(tmp_path)

@@ -233,3 +233,27 @@ def test_the_hydra_config_overrides_the_launchers_accumulation_and_clipping(monk
     assert os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "2"
     err = capsys.readouterr().err
     assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=8" in err and "replaced by 2" in err
+
+
+def test_resume_with_another_data_layout_is_refused_or_starts_the_next_epoch(tmp_path, demo_shards,
+                                                                              tiny_pipeline_dir, capsys):
+    """Micro-batch 2 -> 1 after a checkpoint: refused in one line before any model loads (exact resume needs the
+    same layout), or with train.resume_data=next_epoch the stream continues with epoch 1, each sample once."""
+    from train.config import ConfigError
+
+    out = tmp_path / "run"
+    common = ("train.checkpoint_every=3", "train.ema=false", "train.audit=true")
+    run_cfg(tiny_cfg(out, demo_shards, tiny_pipeline_dir, "train.max_steps=3", *common))
+    later = ("train.max_steps=9", "train.micro_batch_size=1", "train.resume=latest", *common)
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size 2 -> 1.*train.resume_data=next_epoch") as info:
+        tiny_cfg(out, demo_shards, tiny_pipeline_dir, *later)
+    assert "\n" not in str(info.value) and "from data epoch 1" in str(info.value)
+
+    capsys.readouterr()
+    _, summary = run_cfg(tiny_cfg(out, demo_shards, tiny_pipeline_dir, *later, "train.resume_data=next_epoch"))
+    assert summary["steps"] == 9
+    assert "the data stream restarts at epoch 1" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (out / "audit" / "rank0.jsonl").read_text().splitlines()]
+    before = [k for line in lines if line["step"] <= 3 for k in line["keys"]]
+    after = [k for line in lines if line["step"] > 3 for k in line["keys"]]
+    assert len(before) == 6 and len(after) == 12 == len(set(after))  # epoch 1 whole: the 12 demo samples once

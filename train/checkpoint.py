@@ -90,6 +90,12 @@ def data_state_file(ckpt: Path, rank: int) -> Path:
     return ckpt / f"data_state_rank{rank}.json"
 
 
+def read_data_states(ckpt: Path) -> list[dict[str, Any]]:
+    """Every rank's data-stream state saved in a checkpoint, in rank order (empty when there are none)."""
+    files = sorted(ckpt.glob("data_state_rank*.json"), key=lambda f: int(f.stem.removeprefix("data_state_rank")))
+    return [json.loads(f.read_text()) for f in files]
+
+
 def read_meta(ckpt: Path) -> dict[str, Any]:
     """A checkpoint's meta.json."""
     return json.loads((ckpt / META).read_text())

@@ -58,6 +58,8 @@ class TrainConfig:
     checkpoint_every: int = 5000  # optimizer steps between checkpoints; 0 disables (a final one is still written)
     keep_last: int = 3  # checkpoints kept on disk (older ones are deleted)
     resume: str | None = None  # null | latest | path to a checkpoint folder
+    resume_data: str = "exact"  # exact: the data stream continues where it stopped (needs the same processes,
+    # data.num_workers, micro_batch_size, seed and shard count) | next_epoch: any layout, from the next data epoch
     log_every: int = 10  # optimizer steps between logged scalars (host syncs happen only then)
     sample_every: int = 5000  # optimizer steps between teacher-vs-student sample grids; 0 disables
     sample_prompts: list[str] = field(default_factory=lambda: [
@@ -149,6 +151,7 @@ _CHOICES = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.optimizer": ("adamw", "adamw8bit"),
+    "train.resume_data": ("exact", "next_epoch"),
     "train.compile_mode": ("default", "max-autotune-no-cudagraphs"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "train.sdpa_backend": ("auto", "flash", "efficient", "cudnn", "math"),
@@ -210,6 +213,54 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _check_data(cfg, world_size)
     if tr.resume not in (None, "latest") and not Path(tr.resume).is_dir():
         raise ConfigError(f"train.resume={tr.resume} is neither 'latest' nor a checkpoint folder")
+    if tr.resume is not None and tr.resume_data == "exact":
+        _check_data_resume(cfg, world_size)
+
+
+def data_resume_changes(cfg: DictConfig, ckpt_dir: Path, world_size: int) -> tuple[dict[str, tuple], int]:
+    """How this run's data layout differs from the one that wrote `ckpt_dir` (config key -> (saved, now); empty
+    when an exact resume is possible), and the last data epoch the checkpoint's readers reached."""
+    from data.config import to_data_config
+    from data.stream import expand_shards, last_epoch, state_mismatch, stream_identity
+    from train.checkpoint import read_data_states
+
+    saved = read_data_states(ckpt_dir)
+    if not saved:
+        return {}, -1
+    identity = stream_identity(to_data_config(cfg.data), num_shards=len(expand_shards(cfg.data.shards)),
+                               batch_size=cfg.train.micro_batch_size, rank=0, world_size=world_size,
+                               seed=cfg.train.seed)
+    rank0 = next((s for s in saved if s.get("rank") == 0), saved[0])
+    changes = {_LAYOUT_KEYS.get(k, k): v for k, v in state_mismatch(rank0, identity).items() if k != "rank"}
+    return changes, last_epoch(saved)
+
+
+# data-stream identity keys -> the setting that changes them
+_LAYOUT_KEYS = {"world_size": "processes", "num_workers": "data.num_workers (min 1)",
+                "batch_size": "train.micro_batch_size", "seed": "train.seed", "num_shards": "shards in data.shards",
+                "resampled": "data.resampled", "kind": "data.kind", "version": "loader state version"}
+
+
+def _check_data_resume(cfg: DictConfig, world_size: int) -> None:
+    from train.checkpoint import resolve_resume
+
+    try:
+        ckpt_dir = resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
+    if ckpt_dir is None:
+        return
+    changes, epoch = data_resume_changes(cfg, ckpt_dir, world_size)
+    if changes:
+        raise ConfigError(data_resume_refusal(ckpt_dir, changes, epoch))
+
+
+def data_resume_refusal(ckpt_dir: Path, changes: dict[str, tuple], epoch: int) -> str:
+    """The one line that refuses an exact resume across a data-layout change."""
+    what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+    return (f"train.resume: {ckpt_dir.name} was written with another data layout ({what}); an exact resume needs "
+            f"the same one. Set train.resume_data=next_epoch to continue from data epoch {epoch + 1} (the rest of "
+            f"epoch {epoch} is not seen)")
 
 
 def grad_accum_steps(cfg: DictConfig, world_size: int) -> int:

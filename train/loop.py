@@ -224,6 +224,28 @@ def _pin_launcher_env(accum: int, max_grad_norm: float) -> None:
         os.environ[key] = value
 
 
+def _resume_data_state(cfg: DictConfig, ckpt_dir: Path, rank: int, world: int, say: Any) -> dict[str, Any] | None:
+    """This rank's loader state from a checkpoint: its own saved position when the data layout is unchanged; with
+    train.resume_data=next_epoch and another layout, a start at the next data epoch (see next_epoch_state)."""
+    from data.config import to_data_config
+    from data.stream import expand_shards, next_epoch_state, stream_identity
+    from train.config import ConfigError, data_resume_changes, data_resume_refusal
+
+    saved = ckpt.read_data_states(ckpt_dir)
+    changes, epoch = data_resume_changes(cfg, ckpt_dir, world)
+    if not changes:
+        return next((s for s in saved if s.get("rank") == rank), None)
+    if cfg.train.resume_data != "next_epoch":  # train/main.py refuses this in validate(), before models load
+        raise ConfigError(data_resume_refusal(ckpt_dir, changes, epoch))
+    identity = stream_identity(to_data_config(cfg.data), num_shards=len(expand_shards(cfg.data.shards)),
+                               batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world,
+                               seed=cfg.train.seed)
+    what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+    say(f"warning: the data layout changed since {ckpt_dir.name} ({what}): the data stream restarts at epoch "
+        f"{epoch + 1}; the rest of epoch {epoch} is not seen (train.resume_data=next_epoch)")
+    return next_epoch_state(saved, identity)
+
+
 def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_progress: bool = True) -> Run:
     """Build the accelerator, teacher, student, optimizer, data stream and callbacks; resume if asked."""
     from accelerate import Accelerator
@@ -306,8 +328,7 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     resume_from = ckpt.resolve_resume(tr.resume, output_dir)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        data_file = ckpt.data_state_file(resume_from, accelerator.process_index)
-        data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
+        data_state = _resume_data_state(cfg, resume_from, accelerator.process_index, world, say)
         say(f"resumed from {resume_from} at step {state.step} ({state.samples_seen} samples seen)")
     loader = build_loader(cfg.data, batch_size=tr.micro_batch_size, rank=accelerator.process_index,
                           world_size=world, seed=tr.seed, state=data_state)
