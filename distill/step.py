@@ -90,6 +90,11 @@ class Distiller:
         self.empty_prompt = empty_prompt
         self.tap_t, self.tap_s = tap_pair(teacher.unet, student_unwrapped or student, self.pairs)
         self.phases: PhaseTimer | None = None  # a benchmark attaches one to see where the step's time goes
+        # The student's inputs go in its weights' dtype when that is a half type: DeepSpeed's bf16/fp16 mode casts
+        # the weights and, unlike autocast, not the inputs. An fp32 student (autocast, the default) gets fp32.
+        weights = next((p.dtype for p in (student_unwrapped or student).parameters() if p.is_floating_point()),
+                       torch.float32)
+        self.student_input_dtype = weights if weights in (torch.bfloat16, torch.float16) else None
 
     @property
     def taps(self) -> tuple[FeatureTap, FeatureTap]:
@@ -129,9 +134,12 @@ class Distiller:
             ).sample
         begin_phase(self.phases, "student_fwd")
         self.tap_s.clear()
+        s_in = self.student_input_dtype
         student_out = self.student(
-            noisy, timesteps, encoder_hidden_states=x.prompt_embeds,
-            added_cond_kwargs={"text_embeds": x.pooled, "time_ids": x.time_ids},
+            noisy.to(s_in or noisy.dtype), timesteps,
+            encoder_hidden_states=x.prompt_embeds.to(s_in or x.prompt_embeds.dtype),
+            added_cond_kwargs={"text_embeds": x.pooled.to(s_in or x.pooled.dtype),
+                               "time_ids": x.time_ids.to(s_in or x.time_ids.dtype)},
         ).sample
         if len(self.tap_s.features) != len(self.pairs) or len(self.tap_t.features) != len(self.pairs):
             # e.g. a wrapper or a compiled region that bypasses Module.__call__: never train without the features

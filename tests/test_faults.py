@@ -108,19 +108,19 @@ def test_two_ranks_agree_consume_disjoint_samples_and_share_the_lr_schedule(tmp_
 
 
 def test_deepspeed_zero2_trains_saves_and_resumes_exactly(tmp_path, demo_shards, tiny_pipeline_dir):
-    """The shipped ZeRO-2 accelerate config, two ranks on the CPU (gloo): the feature hooks fire on the engine's
-    module (the step raises otherwise), both ranks hold the same student, and a run resumed from the step-3
-    checkpoint (partitioned optimizer states, LR schedule, RNG, data position) ends bitwise like the uninterrupted
-    one."""
+    """The shipped ZeRO-2 accelerate config, two ranks on the CPU (gloo), bf16: the student's inputs follow its
+    bf16 weights, the feature hooks fire on the engine's module (the step raises otherwise), both ranks hold the
+    same student, and a run resumed from the step-3 checkpoint (partitioned fp32 optimizer states, LR schedule,
+    RNG, data position) ends bitwise like the uninterrupted one."""
     launch = ("--config_file", str(ROOT / "conf" / "accelerate" / "deepspeed_zero2.yaml"))
     common = ("train.max_steps=6", "train.checkpoint_every=3", "train.global_batch_size=4",
-              "train.micro_batch_size=2")
+              "train.micro_batch_size=2", "train.mixed_precision=bf16")  # DeepSpeed's bf16 mode, as on GPUs
     full = tmp_path / "full"
     assert _run(_args(full, demo_shards, tiny_pipeline_dir, *common), nproc=2, launch=launch)["steps"] == 6
     step3 = full / "checkpoints" / "step_000000003"
     assert sorted(p.name for p in (step3 / "pytorch_model").iterdir()) == [
-        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # DeepSpeed's own layout: the optimizer split over 2 ranks
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "mp_rank_00_model_states.pt"]  # DeepSpeed's own layout: the optimizer split over 2 ranks
     finals = [json.loads((full / "audit" / f"rank{r}_final.json").read_text()) for r in (0, 1)]
     assert finals[0]["weights_sha256"] == finals[1]["weights_sha256"]
     with pytest.raises(AssertionError):  # the student did train between the two checkpoints

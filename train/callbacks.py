@@ -174,6 +174,7 @@ class Audit(Callback):
         digest = hashlib.sha256()
         for name, tensor in sorted(run.unwrapped.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            raw = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(raw.view(torch.uint8).numpy().tobytes())  # bytes of any dtype (numpy has no bf16)
         out = self.path.with_name(self.path.stem + "_final.json")
         out.write_text(json.dumps({"step": run.state.step, "weights_sha256": digest.hexdigest()}))
