@@ -5,3 +5,6 @@ import logging
 # bitsandbytes (the low-memory profile's 8-bit AdamW), imported by diffusers whenever it is installed, warns on
 # CPUs with AVX512-BF16 that an optional 4-bit matmul kernel package is missing; nothing here uses 4-bit matmuls.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# Without torchvision (CPU installs), transformers substitutes the PIL image processors for CLIP/SigLIP, which is
+# what the CLIP score here uses anyway, and warns about it once per class on every run, before a config error too.
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)

@@ -110,6 +110,7 @@ def _one_line(exc: BaseException) -> str:
     chain: list[BaseException] = [exc]
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+    chain = [e for e in chain if str(e).strip() not in ("", "None")] or chain  # parser internals say "None"
     keyed = [e for e in chain if getattr(e, "full_key", None)]
     inner = keyed[-1] if keyed else chain[-1]
     text = str(inner).strip()
@@ -121,6 +122,10 @@ def _one_line(exc: BaseException) -> str:
     if outer and outer != msg and outer.startswith("Could not override"):
         return f"{outer} {msg}"
     return msg
+
+
+def _quoted(value: str) -> bool:
+    return len(value) > 1 and value[0] == value[-1] and value[0] in "'\""
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
@@ -135,7 +140,12 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
             cfg = compose(config_name=config_name, overrides=list(overrides or []))
         OmegaConf.resolve(cfg)
     except Exception as exc:  # Hydra and OmegaConf raise several types; all become one line
-        raise ConfigError(_one_line(exc)) from exc
+        msg = _one_line(exc)
+        braced = [o for o in overrides or [] if "{" in o.partition("=")[2] and not _quoted(o.partition("=")[2])]
+        if braced and "mismatched input" in msg:
+            key, _, value = braced[0].partition("=")
+            msg += f" (in {braced[0]}: quote a brace pattern for Hydra, e.g. \"{key}='{value}'\" in the shell)"
+        raise ConfigError(msg) from exc
     finally:
         GlobalHydra.instance().clear()
     return cfg
