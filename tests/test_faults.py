@@ -137,6 +137,21 @@ def test_deepspeed_zero2_trains_saves_and_resumes_exactly(tmp_path, demo_shards,
         assert [seen_resumed[s] for s in (4, 5, 6)] == [seen_full[s] for s in (4, 5, 6)]  # keys and LR
 
 
+def test_deepspeed_zero2_updates_like_ddp(tmp_path, demo_shards, tiny_pipeline_dir):
+    """fp32, 2 ranks x micro-batch 2 x accumulation 2, clipping active: ZeRO-2's partitioned accumulation,
+    clipping and AdamW give the student DDP gives, to float rounding."""
+    common = ("train.max_steps=2", "train.checkpoint_every=1", "train.global_batch_size=8",
+              "train.micro_batch_size=2", "train.max_grad_norm=0.05")
+    zero2, ddp = tmp_path / "zero2", tmp_path / "ddp"
+    _run(_args(zero2, demo_shards, tiny_pipeline_dir, *common), nproc=2,
+         launch=("--config_file", str(ROOT / "conf" / "accelerate" / "deepspeed_zero2.yaml")))
+    _run(_args(ddp, demo_shards, tiny_pipeline_dir, *common), nproc=2)
+    a, b, a1 = _student(zero2, 2), _student(ddp, 2), _student(zero2, 1)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    moved = max((a[k] - a1[k]).abs().max().item() for k in a)
+    assert diff < 1e-6 and moved > 100 * max(diff, 1e-8), (diff, moved)
+
+
 def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path, demo_shards,
                                                                              tiny_pipeline_dir):
     common = ("train.max_steps=12", "train.checkpoint_every=4", "train.micro_batch_size=2",
