@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -230,19 +231,26 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
 def data_resume_changes(cfg: DictConfig, ckpt_dir: Path, world_size: int) -> tuple[dict[str, tuple], int]:
     """How this run's data layout differs from the one that wrote `ckpt_dir` (config key -> (saved, now); empty
     when an exact resume is possible), and the last data epoch the checkpoint's readers reached."""
-    from data.config import to_data_config
-    from data.stream import expand_shards, last_epoch, state_mismatch, stream_identity
+    from data.stream import last_epoch, state_mismatch
     from train.checkpoint import read_data_states
 
     saved = read_data_states(ckpt_dir)
     if not saved:
         return {}, -1
-    identity = stream_identity(to_data_config(cfg.data), num_shards=len(expand_shards(cfg.data.shards)),
-                               batch_size=cfg.train.micro_batch_size, rank=0, world_size=world_size,
-                               seed=cfg.train.seed)
     rank0 = next((s for s in saved if s.get("rank") == 0), saved[0])
-    changes = {_LAYOUT_KEYS.get(k, k): v for k, v in state_mismatch(rank0, identity).items() if k != "rank"}
+    mismatch = state_mismatch(rank0, data_identity(cfg, world_size, rank=0))
+    changes = {_LAYOUT_KEYS.get(k, k): v for k, v in mismatch.items() if k != "rank"}
     return changes, last_epoch(saved)
+
+
+def data_identity(cfg: DictConfig, world_size: int, rank: int) -> dict[str, Any]:
+    """This run's data-stream identity on `rank` (see data.stream.stream_identity)."""
+    from data.config import to_data_config
+    from data.stream import expand_shards, stream_identity
+
+    return stream_identity(to_data_config(cfg.data), num_shards=len(expand_shards(cfg.data.shards)),
+                           batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world_size,
+                           seed=cfg.train.seed)
 
 
 # data-stream identity keys -> the setting that changes them

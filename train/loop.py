@@ -227,9 +227,8 @@ def _pin_launcher_env(accum: int, max_grad_norm: float) -> None:
 def _resume_data_state(cfg: DictConfig, ckpt_dir: Path, rank: int, world: int, say: Any) -> dict[str, Any] | None:
     """This rank's loader state from a checkpoint: its own saved position when the data layout is unchanged; with
     train.resume_data=next_epoch and another layout, a start at the next data epoch (see next_epoch_state)."""
-    from data.config import to_data_config
-    from data.stream import expand_shards, next_epoch_state, stream_identity
-    from train.config import ConfigError, data_resume_changes, data_resume_refusal
+    from data.stream import next_epoch_state
+    from train.config import ConfigError, data_identity, data_resume_changes, data_resume_refusal
 
     saved = ckpt.read_data_states(ckpt_dir)
     changes, epoch = data_resume_changes(cfg, ckpt_dir, world)
@@ -237,13 +236,10 @@ def _resume_data_state(cfg: DictConfig, ckpt_dir: Path, rank: int, world: int, s
         return next((s for s in saved if s.get("rank") == rank), None)
     if cfg.train.resume_data != "next_epoch":  # train/main.py refuses this in validate(), before models load
         raise ConfigError(data_resume_refusal(ckpt_dir, changes, epoch))
-    identity = stream_identity(to_data_config(cfg.data), num_shards=len(expand_shards(cfg.data.shards)),
-                               batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world,
-                               seed=cfg.train.seed)
     what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
     say(f"warning: the data layout changed since {ckpt_dir.name} ({what}): the data stream restarts at epoch "
         f"{epoch + 1}; the rest of epoch {epoch} is not seen (train.resume_data=next_epoch)")
-    return next_epoch_state(saved, identity)
+    return next_epoch_state(saved, data_identity(cfg, world, rank))
 
 
 def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_progress: bool = True) -> Run:
