@@ -125,6 +125,10 @@ def test_deepspeed_zero2_trains_saves_and_resumes_exactly(tmp_path, demo_shards,
     assert finals[0]["weights_sha256"] == finals[1]["weights_sha256"]
     with pytest.raises(AssertionError):  # the student did train between the two checkpoints
         _assert_same_weights(_student(full, 3), _student(full, 6))
+    # the saved student is the fp32 master copy gathered from the optimizer, not the bf16 working weights
+    saved = _student(full, 6)
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in saved.values())
 
     resumed = tmp_path / "resumed"
     summary = _run(_args(resumed, demo_shards, tiny_pipeline_dir, *common, f"train.resume={step3}"), nproc=2,

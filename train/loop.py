@@ -133,11 +133,46 @@ class Run:
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.student)
 
+    def gather_fp32_master(self) -> dict[str, torch.Tensor] | None:
+        """Under DeepSpeed's bf16/fp16 mode, the student's fp32 master weights (CPU tensors on the main process,
+        None on the others); None when the student's own weights are fp32. Every rank must call it: the weights
+        are assembled from the optimizer's partitions by a collective."""
+        params = dict(self.unwrapped.named_parameters())
+        if self.accelerator.state.deepspeed_plugin is None or all(p.dtype == torch.float32 for p in params.values()):
+            return None
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, param in params.items():
+            full = safe_get_full_fp32_param(param)  # collective
+            if self.accelerator.is_main_process:
+                out[name] = (param.float() if full is None else full).detach().cpu()
+        return out if self.accelerator.is_main_process else None
+
+    def _fp32_copy(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A CPU fp32 student holding `weights` (built on the meta device, so nothing is initialised twice)."""
+        model = self.unwrapped
+        with torch.device("meta"):
+            copy = type(model).from_config(model.config)
+        copy.load_state_dict(weights, strict=True, assign=True)
+        return copy.eval()
+
     @contextlib.contextmanager
-    def student_for_export(self) -> Iterator[torch.nn.Module]:
-        """The unwrapped student holding the weights to export: with EMA on, the EMA weights while inside (the
-        live weights wait in host memory and come back bit for bit on exit, so no second copy of the student
-        sits on the GPU); else the live weights."""
+    def student_for_export(self, *, to_save: bool = False, master: dict[str, torch.Tensor] | None = None
+                           ) -> Iterator[torch.nn.Module]:
+        """The student holding the weights to export: with EMA on, the EMA weights while inside (the live weights
+        wait in host memory and come back bit for bit on exit, so no second copy of the student sits on the GPU);
+        else the live weights. `to_save` with half-precision live weights (DeepSpeed's bf16/fp16 mode): a CPU fp32
+        copy instead, of the EMA's fp32 average or of `master` (from gather_fp32_master) for the live weights."""
+        half = to_save and any(p.dtype != torch.float32 for p in self.unwrapped.parameters())
+        if half and self.ema is not None:
+            names = [name for name, _ in self.unwrapped.named_parameters()]
+            yield self._fp32_copy({n: s.detach().float().cpu() for n, s in
+                                   zip(names, self.ema.model.shadow_params, strict=True)})
+            return
+        if half and master is not None and self.ema is None:
+            yield self._fp32_copy(master)
+            return
         if self.ema is None:
             yield self.unwrapped
             return
@@ -390,10 +425,11 @@ def save_checkpoint(run: Run) -> Path:
     acc.save_state(str(tmp))  # every rank calls this (DeepSpeed needs all of them)
     ckpt.data_state_file(tmp, acc.process_index).write_text(json.dumps(run.loader.state_dict()))
     ckpt.fault_injection_pause()
+    master = run.gather_fp32_master()  # every rank (a collective under DeepSpeed's half mode), else None
     if acc.is_main_process:
-        run.unwrapped.save_pretrained(tmp / "student")
+        (run._fp32_copy(master) if master is not None else run.unwrapped).save_pretrained(tmp / "student")
         if run.ema is not None:
-            with run.student_for_export() as student:
+            with run.student_for_export(to_save=True) as student:
                 student.save_pretrained(tmp / "student_ema")
     acc.wait_for_everyone()
     path = ckpt.checkpoint_root(run.output_dir) / ckpt.checkpoint_name(step)
@@ -524,10 +560,11 @@ def train(run: Run) -> dict[str, Any]:
     if not preempted:
         for cb in run.callbacks:
             cb.on_end(run)
+        master = run.gather_fp32_master() if cfg.train.export and run.ema is None else None  # every rank
         if cfg.train.export and acc.is_main_process:
             from train.export import export_pipeline
 
-            with run.student_for_export() as student:
+            with run.student_for_export(to_save=True, master=master) as student:
                 summary["export_dir"] = str(export_pipeline(run.teacher.path, cfg.teacher, student,
                                                             run.output_dir / "export"))
         grid = next((cb.last_path for cb in run.callbacks if isinstance(cb, SampleGrid)), None)
