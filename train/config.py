@@ -273,9 +273,14 @@ def _check_data_resume(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(data_resume_refusal(ckpt_dir, changes, epoch))
 
 
+def describe_changes(changes: dict[str, tuple]) -> str:
+    """`key saved -> now, ...` for data_resume_changes' result."""
+    return ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+
+
 def data_resume_refusal(ckpt_dir: Path, changes: dict[str, tuple], epoch: int) -> str:
     """The one line that refuses an exact resume across a data-layout change."""
-    what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+    what = describe_changes(changes)
     return (f"train.resume: {ckpt_dir.name} was written with another data layout ({what}); an exact resume needs "
             f"the same one. Set train.resume_data=next_epoch to continue from data epoch {epoch + 1} (the rest of "
             f"epoch {epoch} is not seen)")

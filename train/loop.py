@@ -158,21 +158,10 @@ class Run:
         return copy.eval()
 
     @contextlib.contextmanager
-    def student_for_export(self, *, to_save: bool = False, master: dict[str, torch.Tensor] | None = None
-                           ) -> Iterator[torch.nn.Module]:
-        """The student holding the weights to export: with EMA on, the EMA weights while inside (the live weights
-        wait in host memory and come back bit for bit on exit, so no second copy of the student sits on the GPU);
-        else the live weights. `to_save` with half-precision live weights (DeepSpeed's bf16/fp16 mode): a CPU fp32
-        copy instead, of the EMA's fp32 average or of `master` (from gather_fp32_master) for the live weights."""
-        half = to_save and any(p.dtype != torch.float32 for p in self.unwrapped.parameters())
-        if half and self.ema is not None:
-            names = [name for name, _ in self.unwrapped.named_parameters()]
-            yield self._fp32_copy({n: s.detach().float().cpu() for n, s in
-                                   zip(names, self.ema.model.shadow_params, strict=True)})
-            return
-        if half and master is not None and self.ema is None:
-            yield self._fp32_copy(master)
-            return
+    def student_for_export(self) -> Iterator[torch.nn.Module]:
+        """The unwrapped student holding the weights to export: with EMA on, the EMA weights while inside (the
+        live weights wait in host memory and come back bit for bit on exit, so no second copy of the student
+        sits on the GPU); else the live weights."""
         if self.ema is None:
             yield self.unwrapped
             return
@@ -183,6 +172,25 @@ class Run:
             yield self.unwrapped
         finally:
             self.ema.model.restore(params)
+
+    @contextlib.contextmanager
+    def student_to_save(self, *, ema: bool, master: dict[str, torch.Tensor] | None = None
+                        ) -> Iterator[torch.nn.Module]:
+        """The student whose weights a folder gets: the EMA average (`ema`) or the live weights, in fp32. Weights
+        that are fp32 already come as student_for_export does; under DeepSpeed's bf16/fp16 mode a CPU fp32 copy
+        of the EMA's fp32 average, or of `master` (gather_fp32_master) for the live weights, never bf16 ones."""
+        half = any(p.dtype != torch.float32 for p in self.unwrapped.parameters())
+        if half and ema:
+            names = [name for name, _ in self.unwrapped.named_parameters()]
+            yield self._fp32_copy({n: s.detach().float().cpu() for n, s in
+                                   zip(names, self.ema.model.shadow_params, strict=True)})
+        elif half and master is not None:
+            yield self._fp32_copy(master)
+        elif ema:
+            with self.student_for_export() as student:
+                yield student
+        else:
+            yield self.unwrapped
 
     def skip_counts(self) -> dict[str, int]:
         counts = getattr(self.loader, "skip_counts", None)
@@ -263,7 +271,7 @@ def _resume_data_state(cfg: DictConfig, ckpt_dir: Path, rank: int, world: int, s
     """This rank's loader state from a checkpoint: its own saved position when the data layout is unchanged; with
     train.resume_data=next_epoch and another layout, a start at the next data epoch (see next_epoch_state)."""
     from data.stream import next_epoch_state
-    from train.config import ConfigError, data_identity, data_resume_changes, data_resume_refusal
+    from train.config import ConfigError, data_identity, data_resume_changes, data_resume_refusal, describe_changes
 
     saved = ckpt.read_data_states(ckpt_dir)
     changes, epoch = data_resume_changes(cfg, ckpt_dir, world)
@@ -271,9 +279,8 @@ def _resume_data_state(cfg: DictConfig, ckpt_dir: Path, rank: int, world: int, s
         return next((s for s in saved if s.get("rank") == rank), None)
     if cfg.train.resume_data != "next_epoch":  # train/main.py refuses this in validate(), before models load
         raise ConfigError(data_resume_refusal(ckpt_dir, changes, epoch))
-    what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
-    say(f"warning: the data layout changed since {ckpt_dir.name} ({what}): the data stream restarts at epoch "
-        f"{epoch + 1}; the rest of epoch {epoch} is not seen (train.resume_data=next_epoch)")
+    say(f"warning: the data layout changed since {ckpt_dir.name} ({describe_changes(changes)}): the data stream "
+        f"restarts at epoch {epoch + 1}; the rest of epoch {epoch} is not seen (train.resume_data=next_epoch)")
     return next_epoch_state(saved, data_identity(cfg, world, rank))
 
 
@@ -427,10 +434,9 @@ def save_checkpoint(run: Run) -> Path:
     ckpt.fault_injection_pause()
     master = run.gather_fp32_master()  # every rank (a collective under DeepSpeed's half mode), else None
     if acc.is_main_process:
-        (run._fp32_copy(master) if master is not None else run.unwrapped).save_pretrained(tmp / "student")
-        if run.ema is not None:
-            with run.student_for_export(to_save=True) as student:
-                student.save_pretrained(tmp / "student_ema")
+        for folder, ema in (("student", False), *([("student_ema", True)] if run.ema is not None else [])):
+            with run.student_to_save(ema=ema, master=master) as student:
+                student.save_pretrained(tmp / folder)
     acc.wait_for_everyone()
     path = ckpt.checkpoint_root(run.output_dir) / ckpt.checkpoint_name(step)
     if acc.is_main_process:
@@ -564,7 +570,7 @@ def train(run: Run) -> dict[str, Any]:
         if cfg.train.export and acc.is_main_process:
             from train.export import export_pipeline
 
-            with run.student_for_export(to_save=True, master=master) as student:
+            with run.student_to_save(ema=run.ema is not None, master=master) as student:
                 summary["export_dir"] = str(export_pipeline(run.teacher.path, cfg.teacher, student,
                                                             run.output_dir / "export"))
         grid = next((cb.last_path for cb in run.callbacks if isinstance(cb, SampleGrid)), None)
