@@ -32,7 +32,8 @@ def _env(**extra: str) -> dict[str, str]:
 def _args(out: Path, shards: Path, tiny: Path, *extra: str) -> list[str]:
     return ["+experiment=demo", f"train.output_dir={out}", f"data.shards={shards}", f"teacher.path={tiny}",
             "data.num_workers=0", "tracking=none", "train.export=false", "train.audit=true",
-            "train.sample_every=0", "train.ema=true", "train.lr_schedule=cosine", "train.warmup_steps=2", *extra]
+            "train.sample_every=0", "train.sample_at_end=false", "train.ema=true", "train.lr_schedule=cosine",
+            "train.warmup_steps=2", *extra]
 
 
 def _start(args: list[str], nproc: int = 1, launch: tuple[str, ...] = ("--multi_gpu",), **env: str) -> subprocess.Popen:
@@ -86,22 +87,34 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
+# 2 ranks x micro-batch 2 x accumulation 2, clipping active (gradient norms here are about 7, clipped to 0.05); 12 demo
+# samples in 4 shards, so each rank's 6 samples of an epoch end in the middle of step 2
+SCALE_OUT = ("train.max_steps=3", "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_grad_norm=0.05",
+             "train.checkpoint_every=1")
+
+
+@pytest.fixture(scope="module")
+def ddp_two_ranks(tmp_path_factory, demo_shards, tiny_pipeline_dir) -> Path:
+    """A 2-rank DDP run of SCALE_OUT (fp32), shared by the tests that compare with it."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    assert _run(_args(out, demo_shards, tiny_pipeline_dir, *SCALE_OUT), nproc=2)["steps"] == 3
+    return out
+
+
 def test_two_ranks_agree_consume_disjoint_samples_and_share_the_lr_schedule(tmp_path, demo_shards,
-                                                                            tiny_pipeline_dir):
-    common = ("train.max_steps=3", "train.global_batch_size=4", "train.micro_batch_size=2",
-              "train.checkpoint_every=0")
-    two = tmp_path / "two"
-    summary = _run(_args(two, demo_shards, tiny_pipeline_dir, *common), nproc=2)
-    assert summary["steps"] == 3
+                                                                            tiny_pipeline_dir, ddp_two_ranks):
+    two = ddp_two_ranks
     finals = [json.loads((two / "audit" / f"rank{r}_final.json").read_text()) for r in (0, 1)]
     assert finals[0]["weights_sha256"] == finals[1]["weights_sha256"]  # bitwise-identical students
-    keys = [[k for line in _audit(two, r).values() for k in line["keys"]] for r in (0, 1)]
-    # 12 demo samples in 4 shards; 2 ranks x 3 steps x 2 = one epoch: disjoint halves covering everything
-    assert len(keys[0]) == len(set(keys[0])) == 6 and len(keys[1]) == len(set(keys[1])) == 6
-    assert not set(keys[0]) & set(keys[1]) and len(set(keys[0]) | set(keys[1])) == 12
+    keys = [[k for _, line in sorted(_audit(two, r).items()) for k in line["keys"]] for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == 12  # 3 steps x 2 micro-batches x 2 samples: two epochs per rank
+    for epoch in (keys[0][:6], keys[1][:6]), (keys[0][6:], keys[1][6:]):
+        # per epoch: each rank sees 6 distinct samples, the two halves are disjoint and cover all 12
+        assert all(len(set(half)) == 6 for half in epoch)
+        assert not set(epoch[0]) & set(epoch[1]) and len(set(epoch[0]) | set(epoch[1])) == 12
 
-    one = tmp_path / "one"  # the same global batch from one process (accumulation 2)
-    _run(_args(one, demo_shards, tiny_pipeline_dir, *common))
+    one = tmp_path / "one"  # the same global batch from one process (accumulation 4)
+    _run(_args(one, demo_shards, tiny_pipeline_dir, *SCALE_OUT, "train.checkpoint_every=0"))
     lr_two = [line["lr"] for _, line in sorted(_audit(two).items())]
     lr_one = [line["lr"] for _, line in sorted(_audit(one).items())]
     assert lr_two == lr_one and len(set(lr_one)) > 1  # warmup + cosine, identical per optimizer step
@@ -141,18 +154,15 @@ def test_deepspeed_zero2_trains_saves_and_resumes_exactly(tmp_path, demo_shards,
         assert [seen_resumed[s] for s in (4, 5, 6)] == [seen_full[s] for s in (4, 5, 6)]  # keys and LR
 
 
-def test_deepspeed_zero2_updates_like_ddp(tmp_path, demo_shards, tiny_pipeline_dir):
-    """fp32, 2 ranks x micro-batch 2 x accumulation 2, clipping active: ZeRO-2's partitioned accumulation,
-    clipping and AdamW give the student DDP gives, to float rounding."""
-    common = ("train.max_steps=2", "train.checkpoint_every=1", "train.global_batch_size=8",
-              "train.micro_batch_size=2", "train.max_grad_norm=0.05")
-    zero2, ddp = tmp_path / "zero2", tmp_path / "ddp"
-    _run(_args(zero2, demo_shards, tiny_pipeline_dir, *common), nproc=2,
+def test_deepspeed_zero2_updates_like_ddp(tmp_path, demo_shards, tiny_pipeline_dir, ddp_two_ranks):
+    """SCALE_OUT in fp32: ZeRO-2's partitioned accumulation, clipping and AdamW give the student DDP gives, to float
+    rounding."""
+    zero2 = tmp_path / "zero2"
+    _run(_args(zero2, demo_shards, tiny_pipeline_dir, *SCALE_OUT), nproc=2,
          launch=("--config_file", str(ROOT / "conf" / "accelerate" / "deepspeed_zero2.yaml")))
-    _run(_args(ddp, demo_shards, tiny_pipeline_dir, *common), nproc=2)
-    a, b, a1 = _student(zero2, 2), _student(ddp, 2), _student(zero2, 1)
+    a, b, a2 = _student(zero2, 3), _student(ddp_two_ranks, 3), _student(zero2, 2)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    moved = max((a[k] - a1[k]).abs().max().item() for k in a)
+    moved = max((a[k] - a2[k]).abs().max().item() for k in a)
     assert diff < 1e-6 and moved > 100 * max(diff, 1e-8), (diff, moved)
 
 

@@ -4,6 +4,7 @@ anchor's calibration runs, and FeatureMSE's values and gradients against autogra
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from contextlib import redirect_stdout
@@ -41,12 +42,18 @@ def _tiny(*overrides: str):
                         *overrides])
 
 
+@functools.cache
+def _estimate(*overrides: str) -> dict:
+    """The estimate of `_tiny(*overrides)`, made once per module (each takes about 15 s on 2 CPU cores)."""
+    return estimate_memory(_tiny(*overrides))
+
+
 def test_estimate_parts_match_the_models_and_the_optimizer():
     from distill.students import build_unet, count_params, derive_student_config, resolve_spec
     from distill.teachers import teacher_unet_config
 
     cfg = _tiny()
-    est = estimate_memory(cfg)
+    est = _estimate()
     t_cfg = teacher_unet_config(cfg.teacher)
     n_student = count_params(build_unet(derive_student_config(t_cfg, resolve_spec("tiny", None, None, None)),
                                         "meta"))
@@ -60,11 +67,11 @@ def test_estimate_parts_match_the_models_and_the_optimizer():
 
 
 def test_each_memory_switch_moves_the_estimate_the_right_way():
-    base = estimate_memory(_tiny())
-    bigger = estimate_memory(_tiny("train.global_batch_size=8", "train.micro_batch_size=8"))
-    recompute = estimate_memory(_tiny("train.gradient_checkpointing=true"))
-    accumulate = estimate_memory(_tiny("train.global_batch_size=8"))  # 2 x 4: gradients stay between them
-    ema = estimate_memory(_tiny("train.ema=true"))
+    base = _estimate()
+    bigger = _estimate("train.global_batch_size=8", "train.micro_batch_size=8")
+    recompute = _estimate("train.gradient_checkpointing=true")
+    accumulate = _estimate("train.global_batch_size=8")  # 2 x 4: gradients stay between them
+    ema = _estimate("train.ema=true")
     assert bigger["activations_gib"] > 1.5 * base["activations_gib"]
     assert recompute["activations_gib"] < base["activations_gib"]
     assert accumulate["accum"] == 2 and accumulate["peak_gib"] >= base["peak_gib"]
@@ -73,17 +80,17 @@ def test_each_memory_switch_moves_the_estimate_the_right_way():
 
 
 def test_eight_bit_adam_state_is_about_two_bytes_per_parameter():
-    adamw = estimate_memory(_tiny())
-    bnb = estimate_memory(_tiny("train.optimizer=adamw8bit"))
+    adamw = _estimate()
+    bnb = _estimate("train.optimizer=adamw8bit")
     # fp32 Adam keeps 8 bytes per parameter; blockwise 8-bit keeps 2 (+ small tensors in fp32)
     assert bnb["optimizer_state_gib"] < 0.5 * adamw["optimizer_state_gib"]
     assert bnb["optimizer"] == "adamw8bit"
 
 
 def test_feature_loss_keeps_less_memory_than_autograd_through_fp32_copies(monkeypatch):
-    low = estimate_memory(_tiny())
+    low = _estimate()
     monkeypatch.setattr(FeatureMSE, "apply", staticmethod(_mse))
-    naive = estimate_memory(_tiny())
+    naive = estimate_memory(_tiny())  # not cached: the patched loss
     assert low["peak_gib"] < naive["peak_gib"] or low["activations_gib"] < naive["activations_gib"]
 
 

@@ -17,7 +17,7 @@ def tiny_cfg(out, shards, tiny_dir, *extra: str):
     cfg = load_config([
         "+experiment=demo", f"train.output_dir={out}", f"data.shards={shards}", f"teacher.path={tiny_dir}",
         "data.num_workers=0", "tracking=none", "train.micro_batch_size=2", "train.global_batch_size=2",
-        "train.export=false", "train.log_every=5", *extra,
+        "train.export=false", "train.log_every=5", "train.sample_at_end=false", *extra,
     ])
     validate(cfg)
     return cfg
@@ -34,7 +34,7 @@ def run_cfg(cfg, callbacks=None, patch=None):
 
 def test_thirty_steps_lower_the_kd_loss(tmp_path, demo_shards, tiny_pipeline_dir):
     cfg = tiny_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=30",
-                   "train.checkpoint_every=0", "train.ema=false")
+                   "train.checkpoint_every=0", "train.ema=false", "train.sample_at_end=true")
     run, summary = run_cfg(cfg)
     assert summary["steps"] == 30 and not summary["preempted"]
     first, last = run.state.kd_first, run.state.kd_last
@@ -166,6 +166,7 @@ def test_nonfinite_step_is_skipped_and_counted(inject_nan, tmp_path, demo_shards
     assert all(torch.equal(seen[2][k], seen[1][k]) for k in seen[1])
     assert not all(torch.equal(seen[3][k], seen[2][k]) for k in seen[2])
     assert all(torch.isfinite(v).all() for v in seen[4].values())
+    assert summary["samples"] is None and not (tmp_path / "run" / "samples").exists()  # train.sample_at_end=false
 
 
 def test_too_many_nonfinite_in_a_row_stop_cleanly(inject_nan, tmp_path, demo_shards, tiny_pipeline_dir):

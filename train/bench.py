@@ -118,8 +118,8 @@ def compose(bc: BenchConfig, profile: str, shards: str, output_dir: str, *, work
     base = _base(bc)
     fixed = ["teacher.random_init=true", "data.kind=latents", f"data.shards={shards}", "data.resampled=true",
              f"data.num_workers={workers}", "tracking=none", "train.export=false", "train.sample_every=0",
-             "train.checkpoint_every=0", "train.ema=false", f"train.max_steps={BIG}", f"train.log_every={BIG}",
-             f"train.output_dir={output_dir}"]
+             "train.sample_at_end=false", "train.checkpoint_every=0", "train.ema=false", f"train.max_steps={BIG}",
+             f"train.log_every={BIG}", f"train.output_dir={output_dir}"]
     micro = bc.micro_batch or (None if profile == "lowmem" else bc.batch)  # lowmem keeps its own micro-batch
     batch = ([f"train.global_batch_size={bc.batch}"] if bc.batch else []) + (
         [f"train.micro_batch_size={micro}"] if micro else [])

@@ -115,11 +115,13 @@ class ScalarLogger(Callback):
 
 
 class SampleGrid(Callback):
-    """Every `every` steps and at the end: teacher vs student images for fixed prompts and seeds, as one PNG
-    (rows: prompts; columns: teacher, student) under <run>/samples/ and logged to the tracker."""
+    """Every `every` steps (0: never) and, when `at_end`, at the end: teacher vs student images for fixed prompts
+    and seeds, as one PNG (rows: prompts; columns: teacher, student) under <run>/samples/ and logged to the
+    tracker."""
 
-    def __init__(self, every: int) -> None:
+    def __init__(self, every: int, at_end: bool = True) -> None:
         self.every = every
+        self.at_end = at_end
         self.last_path: Path | None = None
 
     def on_step_end(self, run: Run, losses: dict[str, Tensor]) -> None:
@@ -127,7 +129,8 @@ class SampleGrid(Callback):
             self.draw(run)
 
     def on_end(self, run: Run) -> None:
-        self.draw(run)
+        if self.at_end:
+            self.draw(run)
 
     def draw(self, run: Run) -> None:
         if run.teacher.path is None:  # a random-weight benchmark teacher has no pipeline to sample with

@@ -388,7 +388,7 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     if main:
         (output_dir / "feature_pairs.txt").write_text(format_pairs(pairs) + "\n")
     cbs: list[Callback] = [*([ema] if ema else []), ScalarLogger(tr.log_every, show_progress),
-                           SampleGrid(tr.sample_every), *([Audit()] if tr.audit else [])]
+                           SampleGrid(tr.sample_every, tr.sample_at_end), *([Audit()] if tr.audit else [])]
     return Run(cfg=cfg, accelerator=accelerator, teacher=teacher, student=prepared, distiller=distiller,
                optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader, state=state, output_dir=output_dir,
                accum=accum, callbacks=cbs + list(callbacks or []), ema=ema)
