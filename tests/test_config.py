@@ -118,18 +118,20 @@ def test_readme_training_commands_compose():
         assert cfg.data.shards, command
 
 
-def test_inspect_student_json():
-    root = Path(__file__).resolve().parent.parent
-    out = {}
-    for student in ("koala_1b", "koala_700m"):
-        proc = subprocess.run([sys.executable, str(root / "scripts" / "inspect_student.py"),
-                               f"student={student}", "teacher=sdxl_base"],
-                              capture_output=True, text=True, timeout=120, cwd=root)
-        assert proc.returncode == 0, proc.stderr
-        import json
+def test_inspect_student_json(capsys):
+    """KOALA-1B through the script as a process (the command-line contract), KOALA-700M in-process (same code)."""
+    import json
 
-        out[student] = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert "DW-3" in proc.stdout and "UP-1" in proc.stdout
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "inspect_student.py"), "student=koala_1b",
+                           "teacher=sdxl_base"], capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert "DW-3" in proc.stdout and "UP-1" in proc.stdout
+    out = {"koala_1b": json.loads(proc.stdout.strip().splitlines()[-1])}
+    from scripts.inspect_student import inspect
+
+    out["koala_700m"] = inspect(["student=koala_700m", "teacher=sdxl_base"])
+    assert "DW-3" in capsys.readouterr().out
     assert out["koala_1b"]["teacher_params"] == 2_567_463_684
     assert out["koala_1b"]["student_params"] == 1_161_184_324
     assert out["koala_700m"]["student_params"] == 782_822_724

@@ -125,9 +125,9 @@ def test_estimate_script_prints_one_json_line_and_one_line_errors(capsys):
 
     buffer = io.StringIO()
     with redirect_stdout(buffer):
-        script.main(["train.global_batch_size=4", "train.micro_batch_size=2"])
+        script.main(["train.global_batch_size=2", "train.micro_batch_size=2"])  # the default is 128 = 16 x 8
     rec = json.loads(buffer.getvalue().strip())
-    assert rec["accum"] == 2 and rec["peak_gib"] > 0
+    assert rec["accum"] == 1 and rec["micro_batch"] == 2 and rec["peak_gib"] > 0
     with pytest.raises(SystemExit) as exc:
         script.main(["train.micro_batchsize=2"])
     assert exc.value.code == 2
