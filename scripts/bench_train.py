@@ -8,12 +8,14 @@ Prints progress on stderr and one JSON line on stdout; writes <out>/bench_train_
     python scripts/bench_train.py --compare-plain --micro-batch 16 --plain-set train.gradient_checkpointing=true
     python scripts/bench_train.py --student koala_700m --profile lowmem  # the 24 GB profile
     python scripts/bench_train.py --set train.checkpointing_blocks=[UP-1,DW-2] --set train.teacher_fp8=true
+    python scripts/bench_train.py --compare-plain --dry-run              # check a command on the CPU first
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -43,19 +45,34 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path, str | None]
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     p.add_argument("--out", default="outputs/bench_train", help="folder for bench_train_<name>.json/.md")
     p.add_argument("--name", default=None, help="result files' name (default <profile>_<student>_b<batch>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the command without a GPU: compose and validate every configuration it would "
+                        "measure (real shapes unless --tiny) and print them as one JSON line; builds no model, "
+                        "makes only the synthetic shards (when missing)")
     a = p.parse_args(argv)
-    tiny = a.tiny or not torch.cuda.is_available()
+    tiny = a.tiny or (not torch.cuda.is_available() and not a.dry_run)
     warmup = a.warmup if a.warmup is not None else (1 if tiny else 2)
     bc = BenchConfig(student=a.student, profile=a.profile, batch=a.batch, micro_batch=a.micro_batch,
                      steps=a.steps or (3 if tiny else 5), warmup=warmup,
                      tiny=tiny, compare_plain=a.compare_plain, peak_tflops=a.peak_tflops, overrides=a.set,
-                     plain_overrides=a.plain_set, data_dir=a.data, workers=a.workers, fp8_error=a.fp8_error)
+                     plain_overrides=a.plain_set, data_dir=a.data, workers=a.workers, fp8_error=a.fp8_error,
+                     dry_run=a.dry_run)
     return bc, Path(a.out), a.name
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; a bad option or override is one `config error:` line on stderr and exit code 2."""
+    from train.config import ConfigError
+
     bc, out, name = parse(argv)
-    result = run_bench(bc)
+    try:
+        result = run_bench(bc)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if bc.dry_run:
+        print(json.dumps(result), flush=True)
+        return result
     name = name or f"{result['profile']}_{'tiny' if bc.tiny else result['student']}_b{result['batch']}"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bench_train_{name}.json").write_text(json.dumps(result, indent=2))

@@ -73,6 +73,7 @@ class BenchConfig:
     workers: int | None = None  # data loader workers (default 4 on CUDA, 0 on the CPU)
     fp8_error: bool = False  # measure the FP8 teacher's output error against the bf16 teacher (CUDA >= 8.9)
     min_micro_batch: int = 1  # on out-of-memory the micro-batch is halved down to this, then given up
+    dry_run: bool = False  # compose and check every configuration, make the data, build no model, measure nothing
 
 
 def _log(msg: str) -> None:
@@ -98,14 +99,16 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def experiment(bc: BenchConfig) -> str | None:
     """The experiment file a configuration starts from (None: the root config's tiny defaults)."""
+    from train.config import ConfigError
+
     if bc.tiny:
         return None
     if bc.profile == "lowmem":
         if bc.student != "koala_700m":
-            raise ValueError("the lowmem profile is KOALA-700M's (conf/experiment/koala_700m_lowmem.yaml)")
+            raise ConfigError("the lowmem profile is KOALA-700M's (conf/experiment/koala_700m_lowmem.yaml)")
         return "koala_700m_lowmem"
     if bc.student not in ("koala_1b", "koala_700m"):
-        raise ValueError(f"student={bc.student!r}: koala_1b or koala_700m")
+        raise ConfigError(f"student={bc.student!r}: koala_1b or koala_700m")
     return bc.student
 
 
@@ -421,22 +424,40 @@ def measure_or_shrink(bc: BenchConfig, profile: str, shards: str, output_dir: st
         log(f"[{profile}] out of memory at micro-batch {failed[-1]}; trying {micro}")
 
 
+def dry_run(bc: BenchConfig, shards: str, output_dir: str, workers: int) -> dict[str, Any]:
+    """What `run_bench(bc)` would measure, checked without a GPU: every configuration composed and validated like a
+    training run's (one-line errors for a bad override), with its batch layout and switches. No model is built."""
+    result: dict[str, Any] = {"bench": "train", "dry_run": True, "configs": {}}
+    for profile in (["plain"] if bc.compare_plain else []) + [bc.profile]:
+        extra = bc.plain_overrides if profile == "plain" else None
+        cfg = compose(bc, profile, shards, f"{output_dir}/{profile}", workers=workers, extra=extra)
+        tr = cfg.train
+        result["configs"][profile] = {
+            "teacher": cfg.teacher.name, "student": cfg.student.name, "teacher_dtype": cfg.teacher.dtype,
+            "batch": tr.global_batch_size, "micro_batch": tr.micro_batch_size,
+            "accum": tr.global_batch_size // tr.micro_batch_size, "options": {k: _plain(tr[k]) for k in OPTION_KEYS}}
+    result["config"] = asdict(bc)
+    return result
+
+
 def run_bench(bc: BenchConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Measure bc.profile (and first the plain profile with compare_plain); return one JSON-able dict: the
     environment, the measured profile's record at the top level, `plain` and `speedup_vs_plain` when compared,
     `fp8_error` when asked for."""
-    if not bc.tiny and not torch.cuda.is_available():
+    if not bc.tiny and not bc.dry_run and not torch.cuda.is_available():
         raise RuntimeError("real shapes need CUDA: use tiny=True (--tiny) on the CPU")
     batch = bc.batch or (4 if bc.tiny else 32)
     bc = replace(bc, batch=batch, micro_batch=bc.micro_batch or (min(batch, 2) if bc.tiny else None))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    workers = bc.workers if bc.workers is not None else (4 if device.type == "cuda" else 0)
+    workers = bc.workers if bc.workers is not None else (4 if device.type == "cuda" or bc.dry_run else 0)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         from train.config import load_config
 
         shape_cfg = load_config(_base(bc))
         micro = bc.micro_batch or bc.batch
         shards = ensure_shards(shape_cfg, bc.data_dir, samples=max(16, 2 * micro))
+        if bc.dry_run:
+            return dry_run(bc, shards, tmp, workers)
         flops = forward_flops(shape_cfg)
         result: dict[str, Any] = {"bench": "train", **environment(device)}
         plain = None

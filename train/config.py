@@ -191,8 +191,11 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     for stage in tr.checkpointing_blocks:
         if not re.fullmatch(r"(DW|UP)-\d+|Mid", stage):
             raise ConfigError(f"train.checkpointing_blocks: {stage!r} is not a stage name like DW-1, Mid or UP-3")
+    if tr.micro_batch_size < 1 or tr.global_batch_size < 1:
+        raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size} and train.global_batch_size="
+                          f"{tr.global_batch_size}: both are images and must be at least 1")
     per_step = world_size * tr.micro_batch_size
-    if tr.micro_batch_size < 1 or tr.global_batch_size % per_step:
+    if tr.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size={tr.global_batch_size} is not divisible by processes x micro_batch_size "
             f"= {world_size} x {tr.micro_batch_size}"
