@@ -258,3 +258,44 @@ def test_resume_with_another_data_layout_is_refused_or_starts_the_next_epoch(tmp
     before = [k for line in lines if line["step"] <= 3 for k in line["keys"]]
     after = [k for line in lines if line["step"] > 3 for k in line["keys"]]
     assert len(before) == 6 and len(after) == 12 == len(set(after))  # epoch 1 whole: the 12 demo samples once
+
+
+def test_a_preview_that_runs_out_of_memory_is_skipped_and_changes_nothing(tmp_path, tiny_pipeline_dir, monkeypatch,
+                                                                          capsys):
+    """On the latent path (VAE and text encoders loaded for previews only, kept in host memory between them) the
+    grid of step 2 fails with CUDA's out-of-memory error: one warning, the run goes on, the live weights come back
+    from the EMA swap, the final grid is drawn, and the student ends as in a run without previews. On a CUDA machine
+    the same test checks that the preview-only modules are back in host memory."""
+    import distill.preview
+    from train.bench import ensure_shards
+
+    latents = ensure_shards(load_config(["teacher=tiny", "student=tiny"]), str(tmp_path / "latents"), 8)
+    real = distill.preview.teacher_student_grid
+    calls = []
+
+    def fails_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill.preview, "teacher_student_grid", fails_first)
+    common = ("data.kind=latents", "data.resampled=true", "train.max_steps=4", "train.checkpoint_every=0",
+              "train.ema=true")
+    out = tmp_path / "previews"
+    run, summary = run_cfg(tiny_cfg(out, latents, tiny_pipeline_dir, *common, "train.sample_every=2",
+                                    "train.sample_at_end=true"))
+    assert summary["steps"] == 4 and len(calls) == 2
+    err = capsys.readouterr().err
+    assert err.count("warning: sample grid of step 2 skipped: out of GPU memory") == 1
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000004.png"]
+    assert len(run._preview_only) == 3  # VAE and both text encoders: not part of latent-path training
+    assert all(p.device.type == "cpu" for module in run._preview_only for p in module.parameters())
+    with_previews = {k: v.clone() for k, v in run.unwrapped.state_dict().items()}
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    run, _ = run_cfg(tiny_cfg(tmp_path / "plain", latents, tiny_pipeline_dir, *common))
+    assert all(torch.equal(v, with_previews[k]) for k, v in run.unwrapped.state_dict().items())

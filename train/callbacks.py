@@ -7,6 +7,7 @@ Only the main process logs, draws and writes.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,6 +124,7 @@ class SampleGrid(Callback):
         self.every = every
         self.at_end = at_end
         self.last_path: Path | None = None
+        self.skipped = 0  # grids that ran out of GPU memory
 
     def on_step_end(self, run: Run, losses: dict[str, Tensor]) -> None:
         if self.every > 0 and run.state.step % self.every == 0 and run.state.step < run.cfg.train.max_steps:
@@ -133,23 +135,35 @@ class SampleGrid(Callback):
             self.draw(run)
 
     def draw(self, run: Run) -> None:
+        """Draw, save and log one grid (main process). A grid that runs out of GPU memory is skipped with one
+        warning line and counted in `skipped`: a preview never ends a run."""
         if run.teacher.path is None:  # a random-weight benchmark teacher has no pipeline to sample with
             return
         if run.accelerator.is_main_process:
             from distill.preview import teacher_student_grid
 
-            with run.student_for_export() as student:
-                grid = teacher_student_grid(
-                    run.teacher_components(), student, list(run.cfg.train.sample_prompts),
-                    seed=run.cfg.train.sample_seed, steps=run.cfg.teacher.sampler.steps,
-                    guidance_scale=run.cfg.teacher.sampler.guidance_scale, resolution=run.cfg.teacher.resolution,
-                    timestep_spacing=run.cfg.teacher.sampler.timestep_spacing,
-                )
-            path = run.output_dir / "samples" / f"step_{run.state.step:09d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            grid.save(path)
-            self.last_path = path
-            run.log_image("samples/teacher_vs_student", path)
+            grid = None
+            try:
+                with run.preview_components() as components, run.student_for_export() as student:
+                    grid = teacher_student_grid(
+                        components, student, list(run.cfg.train.sample_prompts),
+                        seed=run.cfg.train.sample_seed, steps=run.cfg.teacher.sampler.steps,
+                        guidance_scale=run.cfg.teacher.sampler.guidance_scale, resolution=run.cfg.teacher.resolution,
+                        timestep_spacing=run.cfg.teacher.sampler.timestep_spacing,
+                    )
+            except torch.OutOfMemoryError:
+                self.skipped += 1
+            if grid is None:  # outside the except block: its traceback (and the frames' tensors) are gone
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                print(f"warning: sample grid of step {run.state.step} skipped: out of GPU memory ({self.skipped} "
+                      "skipped); fewer train.sample_prompts or train.sample_every=0 avoid it", file=sys.stderr)
+            else:
+                path = run.output_dir / "samples" / f"step_{run.state.step:09d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                grid.save(path)
+                self.last_path = path
+                run.log_image("samples/teacher_vs_student", path)
         run.accelerator.wait_for_everyone()
 
 
