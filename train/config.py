@@ -63,7 +63,7 @@ class TrainConfig:
     # data.num_workers, micro_batch_size, seed and shard count) | next_epoch: any layout, from the next data epoch
     log_every: int = 10  # optimizer steps between logged scalars (host syncs happen only then)
     sample_every: int = 5000  # optimizer steps between teacher-vs-student sample grids; 0: none during the run
-    sample_at_end: bool = True  # one more grid when the run ends (it loads the VAE and text encoders on the device)
+    sample_at_end: bool = True  # one more grid when the run ends (previews: README, 'Watching a run')
     sample_prompts: list[str] = field(default_factory=lambda: [
         "a photograph of an astronaut riding a horse on the moon",
         "a cup of coffee on a wooden table, morning light",

@@ -210,8 +210,7 @@ class Run:
             vae = t.vae or load_vae(t.path, device="cpu", vae_path=self.cfg.teacher.vae_path)
             tokenizers, encoders = ((t.tokenizers, t.text_encoders) if t.text_encoders
                                     else load_text_encoders(t.path, device="cpu"))
-            self._preview_only = [m for m, used in ((vae, t.vae), (encoders[0], t.text_encoders),
-                                                    (encoders[1], t.text_encoders)) if not used]
+            self._preview_only = ([vae] if t.vae is None else []) + ([] if t.text_encoders else list(encoders))
             self._components = {
                 "unet": t.unet, "vae": vae, "text_encoder": encoders[0], "text_encoder_2": encoders[1],
                 "tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1],
