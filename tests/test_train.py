@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from train.callbacks import Callback
 from train.config import load_config, validate
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -57,15 +58,11 @@ def _state(run):
     }
 
 
-class StopAt:
+class StopAt(Callback):
     """Raise inside the loop at a given step, like a kill after a checkpoint."""
 
     def __init__(self, step: int) -> None:
         self.step = step
-
-    def on_start(self, run): ...
-    def on_update(self, run): ...
-    def on_end(self, run): ...
 
     def on_step_end(self, run, losses):
         if run.state.step == self.step:
@@ -299,3 +296,35 @@ def test_a_preview_that_runs_out_of_memory_is_skipped_and_changes_nothing(tmp_pa
     GradientState._reset_state()
     run, _ = run_cfg(tiny_cfg(tmp_path / "plain", latents, tiny_pipeline_dir, *common))
     assert all(torch.equal(v, with_previews[k]) for k, v in run.unwrapped.state_dict().items())
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_complete_one(
+        tmp_path, demo_shards, tiny_pipeline_dir, monkeypatch, capsys):
+    """The disk fills while the step-4 checkpoint is written: exit code 5, one error line naming the step-2
+    checkpoint, the partial folder removed (its space freed), and step 2 still complete and resumable."""
+    import errno
+
+    from train import checkpoint
+    from train import main as entry
+
+    writes = []
+
+    def disk_full_on_the_second():
+        writes.append(1)
+        if len(writes) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "fault_injection_pause", disk_full_on_the_second)
+    out = tmp_path / "run"
+    code = entry.main(["+experiment=demo", f"train.output_dir={out}", f"data.shards={demo_shards}",
+                       f"teacher.path={tiny_pipeline_dir}", "data.num_workers=0", "tracking=none",
+                       "train.micro_batch_size=2", "train.global_batch_size=2", "train.export=false",
+                       "train.sample_at_end=false", "train.max_steps=6", "train.checkpoint_every=2"])
+    assert code == 5
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    # the line starts a line: the progress bar was closed before it
+    assert len(errors) == 1 and errors[0].startswith("error: ")
+    assert "step 4" in errors[0] and "No space left on device" in errors[0] and "step_000000002" in errors[0]
+    assert not checkpoint.temp_dir(out, 4).exists()
+    assert checkpoint.latest_checkpoint(out).name == "step_000000002"
+    assert checkpoint.read_meta(checkpoint.latest_checkpoint(out))["step"] == 2

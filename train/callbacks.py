@@ -30,6 +30,10 @@ class Callback:
 
     def on_end(self, run: Run) -> None: ...
 
+    def on_stop(self, run: Run) -> None:
+        """The loop ends early: an error is on its way out, or a stop request was checkpointed (on_end is not
+        called then)."""
+
 
 class EMA(Callback):
     """Exponential moving average of the student (diffusers' EMAModel), updated after each applied update."""
@@ -111,8 +115,13 @@ class ScalarLogger(Callback):
         self._t0, self._samples0 = time.perf_counter(), run.state.samples_seen
 
     def on_end(self, run: Run) -> None:
+        self.on_stop(run)
+
+    def on_stop(self, run: Run) -> None:
+        """Close the progress bar, so that the line printed next (an error, the stop notice) starts a line."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 class SampleGrid(Callback):

@@ -85,6 +85,23 @@ def finalize(output_dir: str | Path, step: int, meta: dict[str, Any], keep_last:
     return final
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); its half-written folder was removed and
+    the complete checkpoints are untouched. The message is one line that says which one a resume would use."""
+
+
+def write_failed(output_dir: str | Path, step: int, exc: OSError) -> CheckpointWriteError:
+    """Remove the half-written folder of `step` (which frees the space it took) and describe the failure."""
+    tmp = temp_dir(output_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    latest = latest_checkpoint(output_dir)
+    kept = (f"the latest complete checkpoint is {latest} (train.resume=latest resumes from it)" if latest
+            else "no complete checkpoint exists yet")
+    reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return CheckpointWriteError(f"the checkpoint of step {step} could not be written under "
+                                f"{checkpoint_root(output_dir)}: {reason}; its partial folder was removed and {kept}")
+
+
 def data_state_file(ckpt: Path, rank: int) -> Path:
     """The data-stream position of one rank inside a checkpoint."""
     return ckpt / f"data_state_rank{rank}.json"

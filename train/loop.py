@@ -447,24 +447,27 @@ def save_checkpoint(run: Run) -> Path:
     """Write a complete checkpoint of the current step on every rank; the main process renames it into place."""
     acc, step = run.accelerator, run.state.step
     tmp = ckpt.temp_dir(run.output_dir, step)
-    tmp.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()  # the folder exists for every rank before any of them writes into it
-    acc.save_state(str(tmp))  # every rank calls this (DeepSpeed needs all of them)
-    ckpt.data_state_file(tmp, acc.process_index).write_text(json.dumps(run.loader.state_dict()))
-    ckpt.fault_injection_pause()
-    master = run.gather_fp32_master()  # every rank (a collective under DeepSpeed's half mode), else None
-    if acc.is_main_process:
-        for folder, ema in (("student", False), *([("student_ema", True)] if run.ema is not None else [])):
-            with run.student_to_save(ema=ema, master=master) as student:
-                student.save_pretrained(tmp / folder)
-    acc.wait_for_everyone()
-    path = ckpt.checkpoint_root(run.output_dir) / ckpt.checkpoint_name(step)
-    if acc.is_main_process:
-        meta = {"step": step, "samples_seen": run.state.samples_seen, "teacher_name": run.cfg.teacher.name,
-                "teacher_path": str(run.teacher.path),
-                "teacher_unet_file": run.cfg.teacher.unet_file, "wandb_run_id": run.state.wandb_run_id,
-                "world_size": acc.num_processes, "config": OmegaConf.to_container(run.cfg, resolve=True)}
-        path = ckpt.finalize(run.output_dir, step, meta, run.cfg.train.keep_last)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()  # the folder exists for every rank before any of them writes into it
+        acc.save_state(str(tmp))  # every rank calls this (DeepSpeed needs all of them)
+        ckpt.data_state_file(tmp, acc.process_index).write_text(json.dumps(run.loader.state_dict()))
+        ckpt.fault_injection_pause()
+        master = run.gather_fp32_master()  # every rank (a collective under DeepSpeed's half mode), else None
+        if acc.is_main_process:
+            for folder, ema in (("student", False), *([("student_ema", True)] if run.ema is not None else [])):
+                with run.student_to_save(ema=ema, master=master) as student:
+                    student.save_pretrained(tmp / folder)
+        acc.wait_for_everyone()
+        path = ckpt.checkpoint_root(run.output_dir) / ckpt.checkpoint_name(step)
+        if acc.is_main_process:
+            meta = {"step": step, "samples_seen": run.state.samples_seen, "teacher_name": run.cfg.teacher.name,
+                    "teacher_path": str(run.teacher.path),
+                    "teacher_unet_file": run.cfg.teacher.unet_file, "wandb_run_id": run.state.wandb_run_id,
+                    "world_size": acc.num_processes, "config": OmegaConf.to_container(run.cfg, resolve=True)}
+            path = ckpt.finalize(run.output_dir, step, meta, run.cfg.train.keep_last)
+    except OSError as exc:  # disk full, quota, permissions: a rank that fails ends the launch, the others with it
+        raise ckpt.write_failed(run.output_dir, step, exc) from exc
     acc.wait_for_everyone()
     return path
 
@@ -577,8 +580,14 @@ def train(run: Run) -> dict[str, Any]:
                 preempted = True
                 if acc.is_main_process and run.stop.file is not None:
                     run.stop.file.unlink(missing_ok=True)  # a requeued job must not stop again at once
+                for cb in run.callbacks:
+                    cb.on_stop(run)
                 acc.print(f"stop requested: checkpoint written at step {st.step}, exiting with code 0")
                 break
+    except BaseException:
+        for cb in run.callbacks:
+            cb.on_stop(run)
+        raise
     finally:
         run.stop.uninstall()
     summary: dict[str, Any] = {"steps": st.step, "preempted": preempted,

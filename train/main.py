@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    from train.checkpoint import CheckpointWriteError
     from train.loop import NonFiniteError, setup, train
 
     try:
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except CheckpointWriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 5
     except torch.OutOfMemoryError:
         print(f"error: {out_of_memory_advice(cfg, overrides)}", file=sys.stderr)
         return 4
