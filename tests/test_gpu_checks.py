@@ -19,22 +19,28 @@ from train.config import load_config
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_checks.sh"
 
 
-def _commands(script: str, tmp: Path) -> list[list[str]]:
-    """The argument lists after `scripts/<script>` in gpu_checks.sh, with its shell variables filled in."""
+def _script() -> tuple[str, str]:
+    """gpu_checks.sh with its continuation lines joined, and its default micro-batch (MICRO)."""
     text = SCRIPT.read_text().replace("\\\n", " ")
-    default_micro = re.search(r"MICRO=\$\{MICRO:-(\d+)\}", text).group(1)
+    return text, re.search(r"MICRO=\$\{MICRO:-(\d+)\}", text).group(1)
+
+
+def _commands(script: str, tmp: Path) -> list[str]:
+    """The argument strings after `scripts/<script>` in gpu_checks.sh, with its shell variables filled in."""
+    text, micro = _script()
     found = []
     for line in text.splitlines():
         if line.lstrip().startswith("#") or f"scripts/{script}" not in line:
             continue
         args = line.split(f"scripts/{script}", 1)[1]
-        args = args.replace('"$MICRO"', default_micro).replace("$TMP_OUT", str(tmp)).replace("$OUT", str(tmp))
-        found.append(shlex.split(args))
+        for var, value in (('"$MICRO"', micro), ("$TMP_OUT", str(tmp)), ("$OUT", str(tmp))):
+            args = args.replace(var, value)
+        found.append(args)
     return found
 
 
 def test_every_training_benchmark_in_the_gpu_script_composes_at_real_shapes(tmp_path):
-    commands = _commands("bench_train.py", tmp_path / "out")
+    commands = [shlex.split(args) for args in _commands("bench_train.py", tmp_path / "out")]
     assert len(commands) == 2  # KOALA-1B plain vs fast; KOALA-700M low-memory
     results = []
     for argv in commands:
@@ -58,23 +64,21 @@ def test_every_training_benchmark_in_the_gpu_script_composes_at_real_shapes(tmp_
 
 
 def test_every_inference_benchmark_in_the_gpu_script_parses(tmp_path):
-    commands = _commands("bench_infer.py", tmp_path)
+    commands = [shlex.split(args) for args in _commands("bench_infer.py", tmp_path)]
     assert len(commands) == 3
     for argv in commands:
         bench_infer.parse(argv)  # argparse exits 2 on an unknown or malformed option
 
 
 def test_the_gpu_scripts_memory_estimates_compose(tmp_path):
-    text = SCRIPT.read_text().replace("\\\n", " ")
+    text, micro = _script()
     loop = text[text.index("for args in"):text.index("; do", text.index("for args in"))]
-    loop_args = [s.replace("${MICRO:-8}", "8") for s in re.findall(r'"([^"]+)"', loop)]
+    loop_args = [re.sub(r"\$\{MICRO:-\d+\}", micro, a) for a in re.findall(r'"([^"]+)"', loop)]
     assert len(loop_args) == 2
     composed = []
-    for line in text.splitlines():
-        if "scripts/estimate_memory.py" in line and not line.lstrip().startswith("#"):
-            args = line.split("scripts/estimate_memory.py", 1)[1]
-            for filled in ([args.replace("$args", a) for a in loop_args] if "$args" in args else [args]):
-                composed.append(load_config(shlex.split(filled)))
+    for args in _commands("estimate_memory.py", tmp_path):
+        for filled in ([args.replace("$args", a) for a in loop_args] if "$args" in args else [args]):
+            composed.append(load_config(shlex.split(filled)))
     assert len(composed) == 3
     assert [c.student.name for c in composed] == ["koala_1b", "koala_1b", "koala_700m"]
     assert all(c.train.global_batch_size == 32 for c in composed) and composed[2].train.optimizer == "adamw8bit"

@@ -289,11 +289,6 @@ def test_a_preview_that_runs_out_of_memory_is_skipped_and_changes_nothing(tmp_pa
     assert len(run._preview_only) == 3  # VAE and both text encoders: not part of latent-path training
     assert all(p.device.type == "cpu" for module in run._preview_only for p in module.parameters())
     with_previews = {k: v.clone() for k, v in run.unwrapped.state_dict().items()}
-
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     run, _ = run_cfg(tiny_cfg(tmp_path / "plain", latents, tiny_pipeline_dir, *common))
     assert all(torch.equal(v, with_previews[k]) for k, v in run.unwrapped.state_dict().items())
 
