@@ -92,13 +92,11 @@ def ckpt(tiny_pipeline_dir, tmp_path_factory):
 @pytest.fixture
 def fresh_accelerate():
     """A fresh Accelerate singleton state around an in-process training run."""
-    from accelerate.state import AcceleratorState, GradientState
+    from train.loop import reset_accelerate
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 @pytest.fixture

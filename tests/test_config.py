@@ -94,6 +94,18 @@ def test_main_prints_one_error_line_and_exits_2(args, needle, demo_shards):
     assert lines == [lines[0]] and lines[0].startswith("config error:") and needle in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize("rank, lines", [(None, 1), ("0", 1), ("1", 0)])
+def test_a_launch_of_several_ranks_says_a_config_error_once(rank, lines, monkeypatch, capsys):
+    """Every rank finds the same config error; global rank 0 (or a process without RANK) prints it."""
+    from train import main as entry
+
+    monkeypatch.delenv("RANK", raising=False)
+    if rank is not None:
+        monkeypatch.setenv("RANK", rank)
+    assert entry.main(["train.max_stepz=3"]) == 2
+    assert len([ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("config error:")]) == lines
+
+
 def test_unquoted_brace_pattern_says_how_to_quote_it():
     """The shell strips one level of quotes, so data.shards='/d/{0..3}.tar' reaches Hydra unquoted."""
     with pytest.raises(ConfigError) as info:

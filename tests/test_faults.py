@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -36,17 +37,18 @@ def _args(out: Path, shards: Path, tiny: Path, *extra: str) -> list[str]:
             "train.warmup_steps=2", *extra]
 
 
-def _start(args: list[str], nproc: int = 1, launch: tuple[str, ...] = ("--multi_gpu",), **env: str) -> subprocess.Popen:
-    """The trainer as a process: alone, or `nproc` ranks started by `accelerate launch <launch>`."""
+def _start(args: list[str], nproc: int = 1, launch: tuple[str, ...] = ("--multi_gpu",), script: str = MAIN,
+           **env: str) -> subprocess.Popen:
+    """The trainer (`script`) as a process: alone, or `nproc` ranks started by `accelerate launch <launch>`."""
     if nproc == 1:
-        cmd = [sys.executable, MAIN, *args]
+        cmd = [sys.executable, script, *args]
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", str(nproc),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), MAIN, *args]
+               "--main_process_port", str(port), script, *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -123,35 +125,35 @@ def test_two_ranks_agree_consume_disjoint_samples_and_share_the_lr_schedule(tmp_
 def test_deepspeed_zero2_trains_saves_and_resumes_exactly(tmp_path, demo_shards, tiny_pipeline_dir):
     """The shipped ZeRO-2 accelerate config, two ranks on the CPU (gloo), bf16: the student's inputs follow its
     bf16 weights, the feature hooks fire on the engine's module (the step raises otherwise), both ranks hold the
-    same student, and a run resumed from the step-3 checkpoint (partitioned fp32 optimizer states, LR schedule,
+    same student, and a run resumed from the step-2 checkpoint (partitioned fp32 optimizer states, LR schedule,
     RNG, data position) ends bitwise like the uninterrupted one."""
     launch = ("--config_file", str(ROOT / "conf" / "accelerate" / "deepspeed_zero2.yaml"))
-    common = ("train.max_steps=6", "train.checkpoint_every=3", "train.global_batch_size=4",
+    common = ("train.max_steps=4", "train.checkpoint_every=2", "train.global_batch_size=4",
               "train.micro_batch_size=2", "train.mixed_precision=bf16")  # DeepSpeed's bf16 mode, as on GPUs
     full = tmp_path / "full"
-    assert _run(_args(full, demo_shards, tiny_pipeline_dir, *common), nproc=2, launch=launch)["steps"] == 6
-    step3 = full / "checkpoints" / "step_000000003"
-    assert sorted(p.name for p in (step3 / "pytorch_model").iterdir()) == [
+    assert _run(_args(full, demo_shards, tiny_pipeline_dir, *common), nproc=2, launch=launch)["steps"] == 4
+    step2 = full / "checkpoints" / "step_000000002"
+    assert sorted(p.name for p in (step2 / "pytorch_model").iterdir()) == [
         "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
         "mp_rank_00_model_states.pt"]  # DeepSpeed's own layout: the optimizer split over 2 ranks
     finals = [json.loads((full / "audit" / f"rank{r}_final.json").read_text()) for r in (0, 1)]
     assert finals[0]["weights_sha256"] == finals[1]["weights_sha256"]
     with pytest.raises(AssertionError):  # the student did train between the two checkpoints
-        _assert_same_weights(_student(full, 3), _student(full, 6))
+        _assert_same_weights(_student(full, 2), _student(full, 4))
     # the saved student is the fp32 master copy gathered from the optimizer, not the bf16 working weights
-    saved = _student(full, 6)
+    saved = _student(full, 4)
     assert all(t.dtype == torch.float32 for t in saved.values())
     assert any(not torch.equal(t, t.bfloat16().float()) for t in saved.values())
 
     resumed = tmp_path / "resumed"
-    summary = _run(_args(resumed, demo_shards, tiny_pipeline_dir, *common, f"train.resume={step3}"), nproc=2,
+    summary = _run(_args(resumed, demo_shards, tiny_pipeline_dir, *common, f"train.resume={step2}"), nproc=2,
                    launch=launch)
-    assert summary["steps"] == 6
-    _assert_same_weights(_student(resumed, 6), _student(full, 6))
+    assert summary["steps"] == 4
+    _assert_same_weights(_student(resumed, 4), _student(full, 4))
     for rank in (0, 1):
         seen_full, seen_resumed = _audit(full, rank), _audit(resumed, rank)
-        assert sorted(seen_resumed) == [4, 5, 6]
-        assert [seen_resumed[s] for s in (4, 5, 6)] == [seen_full[s] for s in (4, 5, 6)]  # keys and LR
+        assert sorted(seen_resumed) == [3, 4]
+        assert [seen_resumed[s] for s in (3, 4)] == [seen_full[s] for s in (3, 4)]  # keys and LR
 
 
 def test_deepspeed_zero2_updates_like_ddp(tmp_path, demo_shards, tiny_pipeline_dir, ddp_two_ranks):
@@ -164,6 +166,33 @@ def test_deepspeed_zero2_updates_like_ddp(tmp_path, demo_shards, tiny_pipeline_d
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     moved = max((a[k] - a2[k]).abs().max().item() for k in a)
     assert diff < 1e-6 and moved > 100 * max(diff, 1e-8), (diff, moved)
+
+
+def test_a_full_disk_on_one_deepspeed_rank_ends_every_rank_with_one_line(tmp_path, demo_shards, tiny_pipeline_dir):
+    """ZeRO-2, two ranks: rank 1's disk fills after step 3, so its optimizer partition of the step-4 checkpoint
+    fails inside DeepSpeed's save (before DeepSpeed's closing barrier). The ranks agree on the failure: the launch
+    ends (it waited at a barrier until the collective timeout before), rank 0 exits with code 5 and one line
+    naming rank 1 and the step-2 checkpoint, no rank prints a traceback, and the partial folder is gone."""
+    from train.checkpoint import latest_checkpoint, temp_dir
+
+    out = tmp_path / "run"
+    args = _args(out, demo_shards, tiny_pipeline_dir, "train.max_steps=6", "train.checkpoint_every=2",
+                 "train.global_batch_size=4", "train.micro_batch_size=2", "train.mixed_precision=bf16",
+                 "train.ema=false")
+    proc = _start(args, nproc=2, launch=("--config_file", str(ROOT / "conf" / "accelerate" / "deepspeed_zero2.yaml")),
+                  script=str(ROOT / "tests" / "disk_full.py"), KOALA_TEST_DISK_FULL=f"1:3:{2**20}")
+    try:
+        code, _, err = _finish(proc, timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the ranks did not end: one of them waits for the other")
+    assert code != 0
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, err[-3000:]
+    assert "step 4" in errors[0] and "(rank 1)" in errors[0] and "step_000000002" in errors[0], errors[0]
+    assert "Traceback" not in "".join(ln for ln in err.splitlines() if ln.startswith("[rank")), err[-3000:]
+    assert re.search(r"Root Cause.*?exitcode\s*:\s*5\b", err, re.S), err[-2000:]
+    assert not temp_dir(out, 4).exists() and latest_checkpoint(out).name == "step_000000002"
 
 
 def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path, demo_shards,

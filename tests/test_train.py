@@ -4,9 +4,11 @@ loads in diffusers, numerical faults are skipped and counted."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from train.callbacks import Callback
 from train.config import load_config, validate
@@ -293,33 +295,85 @@ def test_a_preview_that_runs_out_of_memory_is_skipped_and_changes_nothing(tmp_pa
     assert all(torch.equal(v, with_previews[k]) for k, v in run.unwrapped.state_dict().items())
 
 
-def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_complete_one(
-        tmp_path, demo_shards, tiny_pipeline_dir, monkeypatch, capsys):
-    """The disk fills while the step-4 checkpoint is written: exit code 5, one error line naming the step-2
-    checkpoint, the partial folder removed (its space freed), and step 2 still complete and resumable."""
-    import errno
+def _main_with_full_disk(out, shards, tiny_dir, monkeypatch, disk, *extra: str) -> int:
+    """train/main.py in-process, with `disk` (a tests/disk_full.DiskFills, or None) added to the run's callbacks."""
+    from disk_full import with_callback
 
-    from train import checkpoint
+    from train import loop
     from train import main as entry
 
-    writes = []
+    with monkeypatch.context() as patch:
+        if disk is not None:
+            patch.setattr(loop, "setup", with_callback(disk))
+        try:
+            return entry.main(["+experiment=demo", f"train.output_dir={out}", f"data.shards={shards}",
+                               f"teacher.path={tiny_dir}", "data.num_workers=0", "tracking=none",
+                               "train.micro_batch_size=2", "train.global_batch_size=2",
+                               "train.sample_at_end=false", "train.ema=false", "train.checkpoint_every=2", *extra])
+        finally:
+            if disk is not None:
+                disk.release()
 
-    def disk_full_on_the_second():
-        writes.append(1)
-        if len(writes) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "fault_injection_pause", disk_full_on_the_second)
+@pytest.mark.parametrize("max_mb, error", [
+    # the first file of the state, the student's weights, fails in safetensors, which names the I/O error
+    (1, "SafetensorError: Error while serializing: I/O error: File too large"),
+    # the weights (23 MB) fit, the optimizer state (46 MB) fails in torch.save's zip writer, which does not name
+    # it: the line's free space is what tells a full disk
+    (30, "RuntimeError: "),
+])
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_complete_one(
+        tmp_path, demo_shards, tiny_pipeline_dir, monkeypatch, capsys, max_mb, error):
+    """The disk fills after step 3, so the step-4 checkpoint meets real write errors (EFBIG, as ENOSPC on a full
+    disk): exit code 5, one error line naming the step-2 checkpoint, the partial folder removed (its space freed),
+    and step 2 still complete and resumable."""
+    from disk_full import DiskFills
+
+    from train import checkpoint
+
     out = tmp_path / "run"
-    code = entry.main(["+experiment=demo", f"train.output_dir={out}", f"data.shards={demo_shards}",
-                       f"teacher.path={tiny_pipeline_dir}", "data.num_workers=0", "tracking=none",
-                       "train.micro_batch_size=2", "train.global_batch_size=2", "train.export=false",
-                       "train.sample_at_end=false", "train.max_steps=6", "train.checkpoint_every=2"])
+    code = _main_with_full_disk(out, demo_shards, tiny_pipeline_dir, monkeypatch, DiskFills(3, max_mb * 2**20),
+                                "train.export=false", "train.max_steps=6")
     assert code == 5
-    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln.lower()]
     # the line starts a line: the progress bar was closed before it
-    assert len(errors) == 1 and errors[0].startswith("error: ")
-    assert "step 4" in errors[0] and "No space left on device" in errors[0] and "step_000000002" in errors[0]
+    assert len(errors) == 1 and errors[0].startswith("error: "), errors
+    line = errors[0]
+    assert "step 4" in line and error in line and "step_000000002" in line, line
+    assert re.search(r"/checkpoints \(\d+\.\d GiB free there\): ", line), line
     assert not checkpoint.temp_dir(out, 4).exists()
     assert checkpoint.latest_checkpoint(out).name == "step_000000002"
     assert checkpoint.read_meta(checkpoint.latest_checkpoint(out))["step"] == 2
+
+
+def test_an_export_that_cannot_be_written_is_one_line_and_the_resume_exports(
+        tmp_path, demo_shards, tiny_pipeline_dir, monkeypatch, capsys):
+    """The disk fills after the last step: the final checkpoint is complete, the export fails with exit code 5 and
+    one line, leaves no temporary folder, and `train.resume=latest` then writes the export without training."""
+    from diffusers import UNet2DConditionModel
+    from disk_full import DiskFills
+
+    from train import checkpoint
+    from train.loop import reset_accelerate
+
+    out = tmp_path / "run"
+    code = _main_with_full_disk(out, demo_shards, tiny_pipeline_dir, monkeypatch, DiskFills(None, 2**20),
+                                "train.export=true", "train.max_steps=2")
+    assert code == 5
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: the export to "), errors
+    line = errors[0]
+    assert ": [Errno 27] File too large: " in line and "export.tmp/vae/" in line and "[(" not in line, line
+    assert "train.resume=latest" in line and "step_000000002" in line, line
+    assert not (out / "export").exists() and not (out / "export.tmp").exists()
+    assert checkpoint.latest_checkpoint(out).name == "step_000000002"
+
+    reset_accelerate()
+    code = _main_with_full_disk(out, demo_shards, tiny_pipeline_dir, monkeypatch, None,
+                                "train.export=true", "train.max_steps=2", "train.resume=latest")
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["export_dir"] == str(out / "export")
+    saved = UNet2DConditionModel.from_pretrained(out / "export" / "unet").state_dict()
+    trained = load_file(out / "checkpoints" / "step_000000002" / "student" / "diffusion_pytorch_model.safetensors")
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], v) for k, v in trained.items())

@@ -266,14 +266,6 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _reset_accelerate() -> None:
-    """A fresh Accelerate state, so that several configurations can be set up in one process."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def time_steps(step: Callable[[], Any], device: torch.device, n: int) -> list[float]:
     """Seconds of each of n calls of `step`: CUDA events at the step boundaries (the host is never made to wait
     inside the timed steps), perf_counter on the CPU."""
@@ -305,9 +297,9 @@ def phase_tflops(phases: dict[str, float], teacher_flops: int, student_flops: in
 def measure(cfg: Any, bc: BenchConfig, profile: str, flops: tuple[int, int], log: Callable[[str], None] = _log
             ) -> dict[str, Any]:
     """Set up the run of `cfg` with the trainer's own `setup`, run warm-up steps, time `steps` steps."""
-    from train.loop import setup, train_one_step
+    from train.loop import reset_accelerate, setup, train_one_step
 
-    _reset_accelerate()
+    reset_accelerate()
     t_setup = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # set-up's tables go to stderr: stdout carries the JSON only
         run = setup(cfg, show_progress=False)
@@ -377,7 +369,7 @@ def measure(cfg: Any, bc: BenchConfig, profile: str, flops: tuple[int, int], log
     run.loader_iter = None
     run = None  # drop the models before the next configuration is set up
     _free(device)
-    _reset_accelerate()
+    reset_accelerate()
     return rec
 
 
@@ -399,6 +391,8 @@ def measure_or_shrink(bc: BenchConfig, profile: str, shards: str, output_dir: st
     """`measure` one profile; when the GPU runs out of memory, halve the micro-batch (the optimizer step keeps its
     batch through accumulation) and measure again, down to `bc.min_micro_batch`. The record lists the micro-batches
     that did not fit under `oom_micro_batches`; returns (record, the config measured)."""
+    from train.loop import reset_accelerate
+
     micro = bc.micro_batch
     failed: list[int] = []
     while True:
@@ -416,7 +410,7 @@ def measure_or_shrink(bc: BenchConfig, profile: str, shards: str, output_dir: st
         # Outside the except block the traceback is gone, and with it the frames that held the models.
         failed.append(cfg.train.micro_batch_size)
         _free(torch.device("cuda"))
-        _reset_accelerate()
+        reset_accelerate()
         micro = cfg.train.micro_batch_size // 2
         if micro < bc.min_micro_batch:
             log(f"[{profile}] out of memory at micro-batch {failed[-1]}; not measured")

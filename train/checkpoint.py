@@ -86,20 +86,62 @@ def finalize(output_dir: str | Path, step: int, meta: dict[str, Any], keep_last:
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, quota, permissions); its half-written folder was removed and
-    the complete checkpoints are untouched. The message is one line that says which one a resume would use."""
+    """A checkpoint (or the final export) could not be written (disk full, quota, permissions); its half-written
+    folder was removed and the complete checkpoints are untouched. The message is one line that says which one a
+    resume would use. Every rank raises it together (they agree on the failure first), so none waits on another."""
 
 
-def write_failed(output_dir: str | Path, step: int, exc: OSError) -> CheckpointWriteError:
-    """Remove the half-written folder of `step` (which frees the space it took) and describe the failure."""
+def write_error_reason(exc: BaseException) -> str | None:
+    """The one-line reason of an error raised while writing files, or None when `exc` is not a write error.
+
+    A full disk does not always surface as OSError: torch.save raises RuntimeError from its zip writer and
+    safetensors raises SafetensorError, each with an I/O message. Out-of-memory is never a write error."""
+    import torch
+    from safetensors import SafetensorError
+
+    if isinstance(exc, torch.OutOfMemoryError) or not isinstance(exc, (OSError, RuntimeError, SafetensorError)):
+        return None
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        return str(exc.args[0][0][-1])  # copytree's list of (source, destination, why): the first why
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    first = (str(exc).strip().splitlines() or [""])[0].strip()
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _free_space(path: Path) -> str:
+    """'N GiB free' on the filesystem of `path` (or its nearest existing parent); '' when unknown."""
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return f"{shutil.disk_usage(p).free / 2**30:.1f} GiB free there"
+            except OSError:
+                return ""
+    return ""
+
+
+def write_failed(output_dir: str | Path, step: int, reason: str) -> CheckpointWriteError:
+    """Remove the half-written folder of `step` (which frees the space it took) and describe the failure. Every rank
+    calls it once all of them have stopped writing (a node may write to its own disk)."""
     tmp = temp_dir(output_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     latest = latest_checkpoint(output_dir)
     kept = (f"the latest complete checkpoint is {latest} (train.resume=latest resumes from it)" if latest
             else "no complete checkpoint exists yet")
-    reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+    free = _free_space(checkpoint_root(output_dir))
     return CheckpointWriteError(f"the checkpoint of step {step} could not be written under "
-                                f"{checkpoint_root(output_dir)}: {reason}; its partial folder was removed and {kept}")
+                                f"{checkpoint_root(output_dir)}{f' ({free})' if free else ''}: {reason}; "
+                                f"its partial folder was removed and {kept}")
+
+
+def export_failed(output_dir: str | Path, export_dir: str | Path, reason: str) -> CheckpointWriteError:
+    """Describe a failed export (its temporary folder was removed by the caller)."""
+    latest = latest_checkpoint(output_dir)
+    free = _free_space(Path(export_dir))
+    again = (f"the checkpoint {latest} is complete: rerun with train.resume=latest to export again" if latest
+             else "no complete checkpoint exists")
+    return CheckpointWriteError(f"the export to {export_dir}{f' ({free})' if free else ''} could not be written: "
+                                f"{reason}; {again}")
 
 
 def data_state_file(ckpt: Path, rank: int) -> Path:

@@ -20,10 +20,23 @@ _COPIED = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
 def export_pipeline(teacher_path: Path, tcfg: Any, student: torch.nn.Module, out_dir: str | Path) -> Path:
-    """Write the pipeline folder atomically (temporary folder, then rename) and return its path."""
+    """Write the pipeline folder atomically (temporary folder, then rename) and return its path. A write that fails
+    removes the temporary folder and leaves an earlier export untouched."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(teacher_path, tcfg, student, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _write(teacher_path: Path, tcfg: Any, student: torch.nn.Module, tmp: Path) -> None:
     tmp.mkdir(parents=True)
     for sub in _COPIED:
         shutil.copytree(teacher_path / sub, tmp / sub)
@@ -38,7 +51,3 @@ def export_pipeline(teacher_path: Path, tcfg: Any, student: torch.nn.Module, out
         "teacher": tcfg.name, "num_inference_steps": s.steps, "guidance_scale": s.guidance_scale,
         "timestep_spacing": s.timestep_spacing, "resolution": tcfg.resolution,
     }, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out

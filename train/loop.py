@@ -304,6 +304,15 @@ def _resume_data_state(cfg: DictConfig, ckpt_dir: Path, rank: int, world: int, s
     return next_epoch_state(saved, data_identity(cfg, world, rank))
 
 
+def reset_accelerate() -> None:
+    """A fresh Accelerate singleton state, so that several runs can be set up one after another in one process
+    (benchmarks, tests)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_progress: bool = True) -> Run:
     """Build the accelerator, teacher, student, optimizer, data stream and callbacks; resume if asked."""
     from accelerate import Accelerator
@@ -444,32 +453,111 @@ def _optimizer(cfg: DictConfig, student: torch.nn.Module, device: torch.device) 
 
 
 def save_checkpoint(run: Run) -> Path:
-    """Write a complete checkpoint of the current step on every rank; the main process renames it into place."""
+    """Write a complete checkpoint of the current step on every rank; the main process renames it into place.
+
+    A write error on any rank (disk full, quota, permissions) becomes CheckpointWriteError on every rank at the
+    same point: the ranks exchange their outcome before the rename, so none is left waiting for another and no
+    rank removes a folder that another is still writing into."""
     acc, step = run.accelerator, run.state.step
     tmp = ckpt.temp_dir(run.output_dir, step)
+    failed = _attempt(lambda: tmp.mkdir(parents=True, exist_ok=True))
+    acc.wait_for_everyone()  # the folder exists for every rank before any of them writes into it
+    if failed is None:
+        with _deepspeed_writes_recorded(run) as deepspeed_failures:
+            failed = _attempt(lambda: _write_state(run, tmp))
+        failed = failed or next(iter(deepspeed_failures), None)
+    master = run.gather_fp32_master()  # every rank, even after a failure (a collective under DeepSpeed's half mode)
+    if failed is None and acc.is_main_process:
+        failed = _attempt(lambda: _write_students(run, tmp, master))
+    _raise_write_failure(run, _agree(acc, failed))
+    failed = None
+    if acc.is_main_process:
+        meta = {"step": step, "samples_seen": run.state.samples_seen, "teacher_name": run.cfg.teacher.name,
+                "teacher_path": str(run.teacher.path),
+                "teacher_unet_file": run.cfg.teacher.unet_file, "wandb_run_id": run.state.wandb_run_id,
+                "world_size": acc.num_processes, "config": OmegaConf.to_container(run.cfg, resolve=True)}
+        failed = _attempt(lambda: ckpt.finalize(run.output_dir, step, meta, run.cfg.train.keep_last))
+    _raise_write_failure(run, _agree(acc, failed))
+    return ckpt.checkpoint_root(run.output_dir) / ckpt.checkpoint_name(step)
+
+
+def _write_state(run: Run, tmp: Path) -> None:
+    """This rank's part: Accelerate's state (every rank calls it; DeepSpeed needs all of them) and its data
+    position."""
+    acc = run.accelerator
+    acc.save_state(str(tmp))
+    ckpt.data_state_file(tmp, acc.process_index).write_text(json.dumps(run.loader.state_dict()))
+    ckpt.fault_injection_pause()
+
+
+def _write_students(run: Run, tmp: Path, master: dict[str, torch.Tensor] | None) -> None:
+    """The student (and its EMA) in `save_pretrained` layout (main process)."""
+    for folder, ema in (("student", False), *([("student_ema", True)] if run.ema is not None else [])):
+        with run.student_to_save(ema=ema, master=master) as student:
+            student.save_pretrained(tmp / folder)
+
+
+@contextlib.contextmanager
+def _deepspeed_writes_recorded(run: Run) -> Iterator[list[str]]:
+    """Under DeepSpeed, record the write errors of its checkpoint files (the yielded list of reasons) instead of
+    raising them: DeepSpeed's save_checkpoint ends with a barrier, which a rank that raised in the middle would
+    skip, leaving the other ranks waiting there while it waits elsewhere. The files after a failed one are not
+    written. Without DeepSpeed: nothing to do (Accelerate's own save has no collective)."""
+    failures: list[str] = []
+    engine = getattr(run.student, "checkpoint_engine", None)
+    if engine is None:
+        yield failures
+        return
+    save, own = engine.save, "save" in vars(engine)
+
+    def recording_save(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            return None
+        reason = _attempt(lambda: save(*args, **kwargs))
+        if reason is not None:
+            failures.append(reason)
+        return None
+
+    engine.save = recording_save  # an instance attribute: shadows the class's method until it is restored
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()  # the folder exists for every rank before any of them writes into it
-        acc.save_state(str(tmp))  # every rank calls this (DeepSpeed needs all of them)
-        ckpt.data_state_file(tmp, acc.process_index).write_text(json.dumps(run.loader.state_dict()))
-        ckpt.fault_injection_pause()
-        master = run.gather_fp32_master()  # every rank (a collective under DeepSpeed's half mode), else None
-        if acc.is_main_process:
-            for folder, ema in (("student", False), *([("student_ema", True)] if run.ema is not None else [])):
-                with run.student_to_save(ema=ema, master=master) as student:
-                    student.save_pretrained(tmp / folder)
-        acc.wait_for_everyone()
-        path = ckpt.checkpoint_root(run.output_dir) / ckpt.checkpoint_name(step)
-        if acc.is_main_process:
-            meta = {"step": step, "samples_seen": run.state.samples_seen, "teacher_name": run.cfg.teacher.name,
-                    "teacher_path": str(run.teacher.path),
-                    "teacher_unet_file": run.cfg.teacher.unet_file, "wandb_run_id": run.state.wandb_run_id,
-                    "world_size": acc.num_processes, "config": OmegaConf.to_container(run.cfg, resolve=True)}
-            path = ckpt.finalize(run.output_dir, step, meta, run.cfg.train.keep_last)
-    except OSError as exc:  # disk full, quota, permissions: a rank that fails ends the launch, the others with it
-        raise ckpt.write_failed(run.output_dir, step, exc) from exc
-    acc.wait_for_everyone()
-    return path
+        yield failures
+    finally:
+        if own:
+            engine.save = save
+        else:
+            del engine.save
+
+
+def _attempt(write: Any) -> str | None:
+    """Call `write()`; the one-line reason of the write error it raised (checkpoint.write_error_reason), or None
+    when it succeeded. Any other error propagates."""
+    try:
+        write()
+    except BaseException as exc:
+        reason = ckpt.write_error_reason(exc)
+        if reason is None:
+            raise
+        return reason
+    return None
+
+
+def _agree(acc: Any, failed: str | None) -> str | None:
+    """Every rank's outcome of a write, exchanged (a collective): the first failure ("reason (rank r)" when there
+    are several ranks), or None when every rank succeeded."""
+    if acc.num_processes == 1:
+        return failed
+    import torch.distributed as dist
+
+    outcomes: list[str | None] = [None] * acc.num_processes
+    dist.all_gather_object(outcomes, failed)
+    return next((f"{reason} (rank {rank})" for rank, reason in enumerate(outcomes) if reason is not None), None)
+
+
+def _raise_write_failure(run: Run, failure: str | None) -> None:
+    """Raise CheckpointWriteError on every rank when any rank failed; the partial folder is removed first (by every
+    rank: each node may write to its own disk)."""
+    if failure is not None:
+        raise ckpt.write_failed(run.output_dir, run.state.step, failure)
 
 
 def _grad_norm(run: Run) -> torch.Tensor | None:
@@ -596,12 +684,19 @@ def train(run: Run) -> dict[str, Any]:
         for cb in run.callbacks:
             cb.on_end(run)
         master = run.gather_fp32_master() if cfg.train.export and run.ema is None else None  # every rank
+        failed = None
         if cfg.train.export and acc.is_main_process:
             from train.export import export_pipeline
 
-            with run.student_to_save(ema=run.ema is not None, master=master) as student:
-                summary["export_dir"] = str(export_pipeline(run.teacher.path, cfg.teacher, student,
-                                                            run.output_dir / "export"))
+            def export() -> None:
+                with run.student_to_save(ema=run.ema is not None, master=master) as student:
+                    summary["export_dir"] = str(export_pipeline(run.teacher.path, cfg.teacher, student,
+                                                                run.output_dir / "export"))
+
+            failed = _attempt(export)
+        failure = _agree(acc, failed)
+        if failure is not None:
+            raise ckpt.export_failed(run.output_dir, run.output_dir / "export", failure)
         grid = next((cb.last_path for cb in run.callbacks if isinstance(cb, SampleGrid)), None)
         summary["samples"] = str(grid) if grid else None
     summary["kd_loss_first"] = float(np.mean([float(x) for x in st.kd_first])) if st.kd_first else None

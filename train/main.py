@@ -17,13 +17,19 @@ from train.config import ConfigError, load_config, validate  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run training with Hydra overrides from argv; return the process exit code."""
+    """Run training with Hydra overrides from argv; return the process exit code.
+
+    Errors that every rank meets alike (a bad config, non-finite losses, a checkpoint or export that cannot be
+    written: the ranks agree on those) are printed by global rank 0 only, so a launch of N processes says them
+    once; out-of-memory, which one rank can meet alone, is printed by the rank that met it."""
     overrides = list(sys.argv[1:] if argv is None else argv)
+    first_rank = os.environ.get("RANK", "0") == "0"
     try:
         cfg = load_config(overrides)
         validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        if first_rank:
+            print(f"config error: {exc}", file=sys.stderr)
         return 2
     import torch
 
@@ -34,10 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         run = setup(cfg)
         summary = train(run)
     except NonFiniteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if first_rank:
+            print(f"error: {exc}", file=sys.stderr)
         return 3
     except CheckpointWriteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if first_rank:
+            print(f"error: {exc}", file=sys.stderr)
         return 5
     except torch.OutOfMemoryError:
         print(f"error: {out_of_memory_advice(cfg, overrides)}", file=sys.stderr)
