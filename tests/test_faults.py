@@ -168,11 +168,16 @@ def test_deepspeed_zero2_updates_like_ddp(tmp_path, demo_shards, tiny_pipeline_d
     assert diff < 1e-6 and moved > 100 * max(diff, 1e-8), (diff, moved)
 
 
-def test_a_full_disk_on_one_deepspeed_rank_ends_every_rank_with_one_line(tmp_path, demo_shards, tiny_pipeline_dir):
-    """ZeRO-2, two ranks: rank 1's disk fills after step 3, so its optimizer partition of the step-4 checkpoint
-    fails inside DeepSpeed's save (before DeepSpeed's closing barrier). The ranks agree on the failure: the launch
-    ends (it waited at a barrier until the collective timeout before), rank 0 exits with code 5 and one line
-    naming rank 1 and the step-2 checkpoint, no rank prints a traceback, and the partial folder is gone."""
+@pytest.mark.parametrize("rank, max_bytes", [
+    (1, 2**20),  # its optimizer partition fails in DeepSpeed's checkpoint engine
+    (0, 16 * 2**10),  # its model states fail there, then its copy of DeepSpeed's recovery script fails outside it
+])
+def test_a_full_disk_on_one_deepspeed_rank_ends_every_rank_with_one_line(tmp_path, demo_shards, tiny_pipeline_dir,
+                                                                         rank, max_bytes):
+    """ZeRO-2, two ranks: one rank's disk fills after step 3, so its part of the step-4 checkpoint fails inside
+    DeepSpeed's save, before DeepSpeed's closing barrier. The ranks agree on the failure: the launch ends (before
+    the fix it waited at that barrier until the collective timeout), with exit code 5 and one line naming the
+    failed rank and the step-2 checkpoint; no rank prints a traceback, and the partial folder is gone."""
     from train.checkpoint import latest_checkpoint, temp_dir
 
     out = tmp_path / "run"
@@ -180,7 +185,7 @@ def test_a_full_disk_on_one_deepspeed_rank_ends_every_rank_with_one_line(tmp_pat
                  "train.global_batch_size=4", "train.micro_batch_size=2", "train.mixed_precision=bf16",
                  "train.ema=false")
     proc = _start(args, nproc=2, launch=("--config_file", str(ROOT / "conf" / "accelerate" / "deepspeed_zero2.yaml")),
-                  script=str(ROOT / "tests" / "disk_full.py"), KOALA_TEST_DISK_FULL=f"1:3:{2**20}")
+                  script=str(ROOT / "tests" / "disk_full.py"), KOALA_TEST_DISK_FULL=f"{rank}:3:{max_bytes}")
     try:
         code, _, err = _finish(proc, timeout=240)
     except subprocess.TimeoutExpired:
@@ -189,7 +194,7 @@ def test_a_full_disk_on_one_deepspeed_rank_ends_every_rank_with_one_line(tmp_pat
     assert code != 0
     errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1, err[-3000:]
-    assert "step 4" in errors[0] and "(rank 1)" in errors[0] and "step_000000002" in errors[0], errors[0]
+    assert "step 4" in errors[0] and f"(rank {rank})" in errors[0] and "step_000000002" in errors[0], errors[0]
     assert "Traceback" not in "".join(ln for ln in err.splitlines() if ln.startswith("[rank")), err[-3000:]
     assert re.search(r"Root Cause.*?exitcode\s*:\s*5\b", err, re.S), err[-2000:]
     assert not temp_dir(out, 4).exists() and latest_checkpoint(out).name == "step_000000002"

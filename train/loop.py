@@ -465,7 +465,7 @@ def save_checkpoint(run: Run) -> Path:
     if failed is None:
         with _deepspeed_writes_recorded(run) as deepspeed_failures:
             failed = _attempt(lambda: _write_state(run, tmp))
-        failed = failed or next(iter(deepspeed_failures), None)
+        failed = next(iter(deepspeed_failures), failed)  # the first error in time
     master = run.gather_fp32_master()  # every rank, even after a failure (a collective under DeepSpeed's half mode)
     if failed is None and acc.is_main_process:
         failed = _attempt(lambda: _write_students(run, tmp, master))
@@ -499,33 +499,55 @@ def _write_students(run: Run, tmp: Path, master: dict[str, torch.Tensor] | None)
 
 @contextlib.contextmanager
 def _deepspeed_writes_recorded(run: Run) -> Iterator[list[str]]:
-    """Under DeepSpeed, record the write errors of its checkpoint files (the yielded list of reasons) instead of
-    raising them: DeepSpeed's save_checkpoint ends with a barrier, which a rank that raised in the middle would
-    skip, leaving the other ranks waiting there while it waits elsewhere. The files after a failed one are not
-    written. Without DeepSpeed: nothing to do (Accelerate's own save has no collective)."""
+    """Under DeepSpeed, keep a write error from leaving the other ranks waiting: DeepSpeed's save_checkpoint ends
+    with a barrier, which a rank that raised in the middle would skip.
+
+    - Its checkpoint engine's writes (the model states and optimizer partitions) record their error (the yielded
+      list of reasons) instead of raising it, and the files after a failed one are not written.
+    - Its other writes (the recovery scripts and the `latest` file, after its last collective before the
+      barrier) still raise: the rank then joins the barrier before the error goes on.
+    Without DeepSpeed: nothing to do (Accelerate's own save has no collective)."""
     failures: list[str] = []
-    engine = getattr(run.student, "checkpoint_engine", None)
-    if engine is None:
+    engine = run.student
+    writer = getattr(engine, "checkpoint_engine", None)
+    if writer is None:
         yield failures
         return
-    save, own = engine.save, "save" in vars(engine)
+    save, save_checkpoint = writer.save, engine.save_checkpoint
 
-    def recording_save(*args: Any, **kwargs: Any) -> Any:
-        if failures:
-            return None
-        reason = _attempt(lambda: save(*args, **kwargs))
-        if reason is not None:
-            failures.append(reason)
-        return None
+    def recording_save(*args: Any, **kwargs: Any) -> None:
+        if not failures:
+            reason = _attempt(lambda: save(*args, **kwargs))
+            if reason is not None:
+                failures.append(reason)
 
-    engine.save = recording_save  # an instance attribute: shadows the class's method until it is restored
-    try:
+    def barrier_kept(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return save_checkpoint(*args, **kwargs)
+        except BaseException as exc:
+            if ckpt.write_error_reason(exc) is not None:
+                import torch.distributed as dist
+
+                dist.barrier()  # the one that ends save_checkpoint, where the other ranks wait
+            raise
+
+    with _shadowed(writer, "save", recording_save), _shadowed(engine, "save_checkpoint", barrier_kept):
         yield failures
+
+
+@contextlib.contextmanager
+def _shadowed(obj: Any, name: str, replacement: Any) -> Iterator[None]:
+    """`obj.name` is `replacement` (an instance attribute over the class's method) inside the block."""
+    own = name in vars(obj)
+    previous = getattr(obj, name)
+    setattr(obj, name, replacement)
+    try:
+        yield
     finally:
         if own:
-            engine.save = save
+            setattr(obj, name, previous)
         else:
-            del engine.save
+            delattr(obj, name)
 
 
 def _attempt(write: Any) -> str | None:
