@@ -27,7 +27,8 @@ class DataConfig:
     # VAE latents + text embeddings, so training needs neither the VAE encoder nor the text encoders).
     kind: str = "raw"
     # Target side in px: a square crop of resolution x resolution, or with buckets an area of about
-    # resolution^2 px. Ignored for kind="latents" (the shapes are fixed when the latents are made).
+    # resolution^2 px. Ignored for kind="latents" (the shapes are fixed when the latents are made). In a training
+    # config it follows teacher.resolution (conf/data/laion_pop.yaml), and the two must agree (train/config.py).
     resolution: int = 1024
     # True: every (rank, worker) draws shards with replacement from its own seeded RNG (multi-node runs; no
     # reader can starve). False: each epoch the shard list is shuffled (same order on every rank) and split

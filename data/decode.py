@@ -9,8 +9,10 @@ pixel is decoded.
 from __future__ import annotations
 
 import io
+import os
 import random
-from collections.abc import Callable
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +163,10 @@ class LatentDecoder:
         if not isinstance(caption, str):
             raise SkipSample("bad_latents", "json has no caption string")
         latents, prompt_embeds, pooled = (_load_npy(sample.get(name), name) for name in LATENT_FILES)
+        dims = (latents.ndim, prompt_embeds.ndim, pooled.ndim)
+        if dims != (3, 2, 1):
+            raise SkipSample("bad_latents", f"latents, prompt_embeds, pooled_prompt_embeds have {dims} dimensions, "
+                                            "not (3, 2, 1)")
         return Example(
             key=sample["__key__"],
             caption=caption,
@@ -177,3 +183,44 @@ class LatentDecoder:
 def make_decoder(cfg: DataConfig) -> Decoder:
     """The decoder for cfg.kind."""
     return LatentDecoder(cfg) if cfg.kind == "latents" else RawDecoder(cfg)
+
+
+def _tar_samples(path: str) -> Iterator[dict[str, Any]]:
+    """The samples of one local tar in order, as webdataset groups them: consecutive members sharing the part of
+    the file name before its first dot. Stops quietly at a damaged part."""
+    sample: dict[str, Any] = {}
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, name = os.path.split(member.name)
+                key, _, ext = name.partition(".")
+                key = os.path.join(folder, key)
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                sample.setdefault("__key__", key)
+                handle = tar.extractfile(member)
+                sample[ext] = handle.read() if handle else b""
+    except (tarfile.TarError, OSError, EOFError):
+        return
+    if sample:
+        yield sample
+
+
+def first_latent_example(urls: Sequence[str], max_samples: int = 16) -> Example | None:
+    """The first latent sample of the first local shard in `urls` that decodes (of its first `max_samples`), or
+    None when there is none: a config check reads it to compare the shards' shapes with the teacher's."""
+    local = next((u for u in urls if os.path.isfile(u)), None)
+    if local is None:
+        return None
+    decoder = LatentDecoder(DataConfig(shards=local, kind="latents"))
+    for n, sample in enumerate(_tar_samples(local)):
+        if n >= max_samples:
+            break
+        try:
+            return decoder(sample, random.Random(0))
+        except SkipSample:
+            continue
+    return None

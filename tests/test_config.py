@@ -31,6 +31,7 @@ def test_experiment_composes(name):
         assert cfg.student.name == ("koala_700m" if name.removesuffix("_lowmem").endswith("700m") else "koala_1b")
         assert cfg.teacher.name == {"turbo": "sdxl_turbo", "lightning": "sdxl_lightning"}.get(
             name.split("_")[1], "sdxl_base")
+    assert cfg.data.resolution == cfg.teacher.resolution  # Turbo students train at 512 px, as in the paper
 
 
 def test_lightning_sampler_settings():
@@ -56,6 +57,8 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
 
 @pytest.mark.parametrize("override, needle", [
     (["+experiment=koala_1b"], "teacher.path is not set"),
+    (["+experiment=koala_lightning_1b"], "teacher.path and teacher.unet_file are not set"),
+    (["data.resolution=128"], "set teacher.resolution=128 instead"),
     (["+experiment=koala_lightning_1b", "teacher.path=/nonexistent"], "teacher.path=/nonexistent"),
     (["+experiment=koala_lightning_1b", f"teacher.path={CONF_DIR}"], "teacher.unet_file is not set"),
     (["+experiment=koala_1b", f"teacher.path={CONF_DIR}", "data.shards=''"], "data.shards is not set"),
@@ -113,6 +116,62 @@ def test_unquoted_brace_pattern_says_how_to_quote_it():
     msg = str(info.value)
     assert "None" not in msg and "\n" not in msg
     assert "quote a brace pattern" in msg and """"data.shards='/d/{000..003}.tar'\"""" in msg
+
+
+TINY_LATENTS = dict(latent_shape=(4, 32, 32), text_dim=64, pooled_dim=32, image_size=(64, 64))  # tiny teacher's
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({}, None),
+    ({"image_size": (56, 72)}, None),  # an aspect bucket of about the same area
+    ({"image_size": (128, 128)}, "made at 128x128 px (sample l0000x0000) but teacher.resolution=64"),
+    ({"text_dim": 2048, "pooled_dim": 1280}, "prompt embeddings 2048 wide where it takes 64 (cross_attention_dim); "
+                                             "pooled embeddings 1280 wide where it takes 32"),
+    ({"latent_shape": (16, 32, 32)}, "latent channels 16 wide where it takes 4"),
+])
+def test_latent_shards_that_do_not_fit_the_teacher_are_one_line(tmp_path, change, needle):
+    """Latents made for another resolution or with another pipeline's encoders: found from the first sample,
+    before any model loads."""
+    from data.synthetic import write_synthetic_latent_shards
+
+    write_synthetic_latent_shards(str(tmp_path), num_shards=1, samples_per_shard=2, **{**TINY_LATENTS, **change})
+    cfg = load_config(["data.kind=latents", f"data.shards={tmp_path}", "data.num_workers=1"])
+    if needle is None:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_latent_check_reads_past_an_unreadable_first_sample(tmp_path):
+    import io
+    import json
+
+    import numpy as np
+    import webdataset as wds
+
+    from data.decode import first_latent_example
+
+    def npy(shape: tuple[int, ...]) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros(shape, np.float16))
+        return buffer.getvalue()
+
+    meta = json.dumps({"caption": "c", "original_size": [64, 64], "crop_top_left": [0, 0],
+                       "target_size": [128, 128]}).encode()
+    shard = tmp_path / "000000.tar"
+    with wds.TarWriter(str(shard)) as writer:
+        writer.write({"__key__": "flat", "latents.npy": npy((4, 1024)), "prompt_embeds.npy": npy((77, 64)),
+                      "pooled_prompt_embeds.npy": npy((32,)), "json": meta})
+        writer.write({"__key__": "good", "latents.npy": npy((4, 16, 16)), "prompt_embeds.npy": npy((77, 64)),
+                      "pooled_prompt_embeds.npy": npy((32,)), "json": meta})
+    example = first_latent_example([str(shard)])
+    assert example.key == "good" and example.latents.shape == (4, 16, 16) and example.target_size == (128, 128)
+    assert first_latent_example(["pipe:cat x.tar"]) is None
+    cfg = load_config(["data.kind=latents", f"data.shards={tmp_path}", "data.num_workers=1"])
+    with pytest.raises(ConfigError, match=r"made at 128x128 px \(sample good\)"):
+        validate(cfg)
 
 
 def test_readme_training_commands_compose():

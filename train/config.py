@@ -207,6 +207,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         if cfg.train.export:
             raise ConfigError("teacher.random_init=true is for benchmarks: it cannot export (set train.export=false)")
     elif t.name != "tiny":
+        if not t.path and t.name == "sdxl_lightning" and not t.unet_file:
+            raise ConfigError(
+                "teacher.path and teacher.unet_file are not set: point teacher.path at a local SDXL-Base-1.0 "
+                "diffusers folder (text encoders, VAE, scheduler) and teacher.unet_file at a local "
+                "sdxl_lightning_4step_unet.safetensors"
+            )
         if not t.path:
             raise ConfigError(
                 f"teacher.path is not set: point it at a local {t.name} diffusers folder "
@@ -225,6 +231,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     shards = cfg.data.shards
     if not shards:
         raise ConfigError("data.shards is not set: a brace pattern, folder or pipe: command of webdataset shards")
+    if cfg.data.kind == "raw" and cfg.data.resolution != t.resolution:
+        raise ConfigError(
+            f"data.resolution={cfg.data.resolution} differs from teacher.resolution={t.resolution}, the side the "
+            f"run trains, previews and exports at: set teacher.resolution={cfg.data.resolution} instead "
+            "(data.resolution follows it)"
+        )
     _check_data(cfg, world_size)
     if tr.resume not in (None, "latest") and not Path(tr.resume).is_dir():
         raise ConfigError(f"train.resume={tr.resume} is neither 'latest' nor a checkpoint folder")
@@ -310,6 +322,42 @@ def _check_data(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(
             f"data.shards has {len(shards)} shards for {world_size} processes x {max(1, cfg.data.num_workers)} "
             f"workers = {readers} readers: set data.resampled=true, lower data.num_workers, or re-shard"
+        )
+    if cfg.data.kind == "latents":
+        _check_latents(cfg, shards)
+
+
+def _check_latents(cfg: DictConfig, urls: list[str]) -> None:
+    """Latent shards must fit the teacher: the first readable sample's latent channels, prompt-embedding and
+    pooled widths against the teacher U-Net's config, and its crop size against teacher.resolution (within 10%,
+    which admits SDXL's aspect buckets). Shards that are not local files (pipe:, URLs) are not opened."""
+    from data.decode import first_latent_example
+    from train.bench import latent_shape
+
+    example = first_latent_example(urls)
+    if example is None:
+        return
+    want = latent_shape(cfg)
+    t = cfg.teacher
+    found = {"latent channels": (example.latents.shape[0], want["latents"][0], "in_channels"),
+             "prompt embeddings": (example.prompt_embeds.shape[-1], want["text_dim"], "cross_attention_dim"),
+             "pooled embeddings": (example.pooled_prompt_embeds.shape[-1], want["pooled_dim"],
+                                   "its pooled text width")}
+    wrong = [f"{what} {got} wide where it takes {need} ({key})" for what, (got, need, key) in found.items()
+             if got != need]
+    if wrong:
+        raise ConfigError(
+            f"data.shards={cfg.data.shards}: these latents (sample {example.key}) do not fit the {t.name} "
+            f"teacher's U-Net: {'; '.join(wrong)}. They were made with another pipeline: make them with the "
+            "teacher's (make latents PIPELINE=<teacher.path>)"
+        )
+    height, width = example.target_size
+    side = (height * width) ** 0.5
+    if not 0.9 <= side / t.resolution <= 1.1:
+        raise ConfigError(
+            f"data.shards={cfg.data.shards}: these latents were made at {height}x{width} px (sample "
+            f"{example.key}) but teacher.resolution={t.resolution}: make them at {t.resolution} px (make latents "
+            f"ARGS='--resolution {t.resolution}'), or set teacher.resolution={round(side)}"
         )
 
 
