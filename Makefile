@@ -10,12 +10,12 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help venv test test-fast lint demo demo-data tiny inspect data latents sample eval \
+.PHONY: help venv test test-fast lint demo demo-data tiny inspect data latents export sample eval \
         bench-data bench-train bench-infer plan-memory clean
 
 help:
 	@echo "make demo | test | test-fast | lint | inspect | tiny | demo-data | data SRC=.. OUT=.. | latents |"
-	@echo "     sample | eval | bench-data | bench-train | bench-infer | plan-memory | clean"
+	@echo "     export CKPT=.. OUT=.. | sample | eval | bench-data | bench-train | bench-infer | plan-memory | clean"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -56,6 +56,10 @@ latents: $(STAMP) tiny demo-data  ## defaults: the tiny teacher on the demo shar
 	$(PY) scripts/make_latents.py --pipeline $(or $(PIPELINE),outputs/tiny_sdxl) \
 		--shards $(or $(SHARDS),outputs/demo_data) --out $(or $(OUT),outputs/demo_latents) \
 		$(or $(ARGS),--resolution 64 --batch-size 4)
+
+export: $(STAMP)  ## make export CKPT=runs/x/checkpoints/step_N OUT=exports/x [ARGS="--weights live --dtype fp16"]
+	@test -n "$(CKPT)" -a -n "$(OUT)" || { echo "usage: make export CKPT=... OUT=... [ARGS=...]"; exit 2; }
+	$(PY) scripts/export.py --checkpoint "$(CKPT)" --out "$(OUT)" $(ARGS)
 
 sample: $(STAMP) tiny  ## images + grid, e.g. ARGS="--source runs/demo/export --prompts smoke"
 	$(PY) scripts/sample.py $(or $(ARGS),--source outputs/tiny_sdxl --prompts smoke --out outputs/samples)

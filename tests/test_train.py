@@ -150,6 +150,17 @@ def test_export_loads_in_diffusers_and_makes_an_image(tmp_path, demo_shards, tin
     assert image.size == (64, 64)
     assert json.loads((tmp_path / "run" / "export" / "koala_sampler.json").read_text())["num_inference_steps"] == 4
 
+    # the final checkpoint exported on its own (scripts/export.py) gives the same folder: weights, and the run's
+    # teacher settings (the spacing override) from the checkpoint's config
+    from train.checkpoint import latest_checkpoint
+    from train.export import export_checkpoint
+
+    again = export_checkpoint(latest_checkpoint(tmp_path / "run"), tmp_path / "again")
+    assert again["step"] == 2 and again["weights"] == "student"
+    for name in ("koala_sampler.json", "model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+                 "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "run" / "export" / name).read_bytes(), name
+
 
 def test_nonfinite_step_is_skipped_and_counted(inject_nan, tmp_path, demo_shards, tiny_pipeline_dir):
     cfg = tiny_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=4", "train.ema=false")

@@ -134,12 +134,16 @@ def write_failed(output_dir: str | Path, step: int, reason: str) -> CheckpointWr
                                 f"its partial folder was removed and {kept}")
 
 
-def export_failed(output_dir: str | Path, export_dir: str | Path, reason: str) -> CheckpointWriteError:
-    """Describe a failed export (its temporary folder was removed by the caller)."""
-    latest = latest_checkpoint(output_dir)
+def export_failed(output_dir: str | Path | None, export_dir: str | Path, reason: str) -> CheckpointWriteError:
+    """Describe a failed export (its temporary folder was removed by the caller): of a run's last step when
+    `output_dir` is given, else of a checkpoint (scripts/export.py), which only needs the command again."""
     free = _free_space(Path(export_dir))
-    again = (f"the checkpoint {latest} is complete: rerun with train.resume=latest to export again" if latest
-             else "no complete checkpoint exists")
+    if output_dir is None:
+        again = "an earlier export there is untouched; free space and run the export again"
+    else:
+        latest = latest_checkpoint(output_dir)
+        again = (f"the checkpoint {latest} is complete: rerun with train.resume=latest to export again" if latest
+                 else "no complete checkpoint exists")
     return CheckpointWriteError(f"the export to {export_dir}{f' ({free})' if free else ''} could not be written: "
                                 f"{reason}; {again}")
 

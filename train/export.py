@@ -51,3 +51,73 @@ def _write(teacher_path: Path, tcfg: Any, student: torch.nn.Module, tmp: Path) -
         "teacher": tcfg.name, "num_inference_steps": s.steps, "guidance_scale": s.guidance_scale,
         "timestep_spacing": s.timestep_spacing, "resolution": tcfg.resolution,
     }, indent=2))
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported as asked, in one line that says what to give instead."""
+
+
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, weights: str = "auto",
+                      teacher_path: str | Path | None = None, dtype: str = "fp32") -> dict[str, Any]:
+    """Export a training checkpoint's student as a pipeline folder, as the trainer exports at the end of a run.
+
+    weights: "auto" (the EMA average when the checkpoint has one, as the trainer's own export), "ema" or "live".
+    teacher_path: the teacher pipeline folder whose text encoders, tokenizers and VAE are copied (default: the one
+    meta.json records; give it when the run was made on another machine). The teacher's config (family, sampler
+    settings, VAE override) comes from the checkpoint's resolved config, or from conf/teacher/<name>.yaml for a
+    checkpoint without one. dtype: fp32 (the checkpoint's own), fp16 or bf16 for half the disk.
+    Returns {"export_dir", "checkpoint", "step", "weights", "dtype", "teacher", "unet_params"}.
+    """
+    from omegaconf import OmegaConf
+
+    from distill.sampling import SourceError, is_checkpoint, read_checkpoint_meta
+    from distill.teachers import DTYPES
+
+    ckpt = Path(ckpt_dir)
+    if not is_checkpoint(ckpt):
+        raise ExportError(f"{ckpt} is not a training checkpoint folder (meta.json + student/), e.g. "
+                          "runs/<name>/checkpoints/step_000010000")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        meta = read_checkpoint_meta(ckpt)
+    except SourceError as exc:
+        raise ExportError(str(exc)) from exc
+    folders = {"ema": "student_ema", "live": "student",
+               "auto": "student_ema" if (ckpt / "student_ema").is_dir() else "student"}
+    if weights not in folders:
+        raise ExportError(f"weights={weights!r} is not one of auto, ema, live")
+    folder = folders[weights]
+    if not (ckpt / folder).is_dir():
+        raise ExportError(f"{ckpt} has no {folder}/ (the run had train.ema=false): export weights=live or auto")
+    teacher = Path(teacher_path or meta["teacher_path"])
+    if not (teacher / "model_index.json").is_file():
+        raise ExportError(f"the teacher pipeline folder {teacher} is not there: give the teacher's local diffusers "
+                          f"folder with --teacher-path (its text encoders, tokenizers and VAE are copied)")
+    saved = (meta.get("config") or {}).get("teacher")
+    if saved:
+        tcfg = OmegaConf.create(saved)
+    else:
+        from train.config import load_config
+
+        tcfg = load_config([f"teacher={meta['teacher_name']}"]).teacher
+    student = _load_unet(ckpt / folder, DTYPES[dtype])
+    out = export_pipeline(teacher, tcfg, student, out_dir)
+    return {"export_dir": str(out), "checkpoint": str(ckpt), "step": meta.get("step"), "weights": folder,
+            "dtype": dtype, "teacher": tcfg.name, "unet_params": sum(p.numel() for p in student.parameters())}
+
+
+def _load_unet(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """A U-Net from a `save_pretrained` folder, in `dtype`, whose config is the saved one as it is (from_pretrained
+    would add the folder's local path to it, and the export would carry that path)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{folder} holds no .safetensors weights")
+    state = {k: v.to(dtype) for f in files for k, v in load_file(str(f)).items()}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+    unet.load_state_dict(state, strict=True, assign=True)
+    return unet.eval()

@@ -1,0 +1,55 @@
+"""Exporting a checkpoint (scripts/export.py): which weights, which dtype, a folder diffusers loads, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_checkpoint
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
+
+from scripts import export as script
+
+
+def _unet(folder) -> dict[str, torch.Tensor]:
+    """The tensors as stored (from_pretrained would cast them)."""
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("weights, dtype, folder", [("auto", "fp32", "student_ema"), ("live", "fp16", "student")])
+def test_export_writes_the_chosen_weights_as_a_pipeline_that_samples(ckpt, tmp_path, capsys, weights, dtype, folder):
+    out = tmp_path / "export"
+    assert script.main(["--checkpoint", str(ckpt), "--out", str(out), "--weights", weights, "--dtype", dtype]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["weights"] == folder and summary["step"] == 7 and summary["teacher"] == "tiny"
+    exported, source = _unet(out / "unet"), _unet(ckpt / folder)
+    assert exported.keys() == source.keys() and summary["unet_params"] == sum(v.numel() for v in source.values())
+    want = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    for k, v in source.items():
+        assert exported[k].dtype == want and torch.equal(exported[k], v.to(want)), k
+    sampler = json.loads((out / "koala_sampler.json").read_text())
+    assert sampler["teacher"] == "tiny" and sampler["num_inference_steps"] == 4  # conf/teacher/tiny.yaml's
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    image = pipe("a red bicycle", num_inference_steps=2, height=32, width=32,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_export_errors_are_one_line(ckpt, tiny_pipeline_dir, tmp_path, capsys):
+    no_ema = make_tiny_checkpoint(tiny_pipeline_dir, tmp_path / "no_ema", ema=False)
+    cases = [
+        (["--checkpoint", str(tmp_path), "--out", str(tmp_path / "a")], 2, "is not a training checkpoint folder"),
+        (["--checkpoint", str(no_ema), "--out", str(tmp_path / "b"), "--weights", "ema"], 2, "has no student_ema/"),
+        (["--checkpoint", str(ckpt), "--out", str(tmp_path / "c"), "--teacher-path", str(tmp_path / "gone")], 2,
+         "--teacher-path"),
+    ]
+    (tmp_path / "file").write_text("not a folder")
+    cases.append((["--checkpoint", str(ckpt), "--out", str(tmp_path / "file" / "export")], 5,
+                  "could not be written: Not a directory"))
+    for argv, code, needle in cases:
+        assert script.main(argv) == code, argv
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
