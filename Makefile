@@ -55,7 +55,7 @@ data: $(STAMP)  ## make data SRC=images/|manifest.parquet|img2dataset_out/ OUT=s
 latents: $(STAMP) tiny demo-data  ## defaults: the tiny teacher on the demo shards at 64 px
 	$(PY) scripts/make_latents.py --pipeline $(or $(PIPELINE),outputs/tiny_sdxl) \
 		--shards $(or $(SHARDS),outputs/demo_data) --out $(or $(OUT),outputs/demo_latents) \
-		$(or $(ARGS),--resolution 64 --batch-size 4)
+		$(or $(ARGS),--batch-size 4)
 
 export: $(STAMP)  ## make export CKPT=runs/x/checkpoints/step_N OUT=exports/x [ARGS="--weights live --dtype fp16"]
 	@test -n "$(CKPT)" -a -n "$(OUT)" || { echo "usage: make export CKPT=... OUT=... [ARGS=...]"; exit 2; }

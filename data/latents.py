@@ -42,6 +42,17 @@ _STORAGE = {"float32": np.float32, "float16": np.float16}
 EMPTY_PROMPT_FILE = "empty_prompt.npz"
 
 
+def native_resolution(pipeline_dir: str) -> int | None:
+    """The side in px a pipeline generates at: its U-Net's sample_size times the VAE's downsampling factor (SDXL
+    1024, SDXL-Turbo 512, the tiny pipeline 64); None when the folder's configs do not say."""
+    try:
+        unet = json.loads((Path(pipeline_dir) / "unet" / "config.json").read_text())
+        vae = json.loads((Path(pipeline_dir) / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_encoders(pipeline_dir: str, device: str, text_dtype: str = "float32", vae_dtype: str = "float32"):
     """(vae, [tokenizer, tokenizer_2], [text_encoder, text_encoder_2]) of an SDXL pipeline folder, frozen.
 

@@ -2,7 +2,8 @@
 
 Usage: python scripts/make_latents.py --pipeline DIR --shards PATTERN --out DIR [--batch-size N]
        [--resolution PX] [--buckets] [--random-crop] [--syncap] [--storage float16|float32]
-Resumable: finished output shards are skipped. Ends with one JSON line (made, written, skipped, out, ...).
+Resumable: finished output shards are skipped. Ends with one JSON line (made, written, skipped, out,
+resolution, ...).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import json
 
 from data.config import DataConfig
-from data.latents import make_latents
+from data.latents import make_latents, native_resolution
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,7 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", required=True, help="raw shards: brace pattern, folder, glob or pipe:")
     parser.add_argument("--out", required=True, help="folder for the latent shards")
     parser.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
-    parser.add_argument("--resolution", type=int, default=1024, help="crop side in px (bucket area with --buckets)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="crop side in px (bucket area with --buckets); default: the pipeline's own (its U-Net's "
+                             "sample_size x the VAE's factor: 1024 for SDXL, 512 for SDXL-Turbo)")
     parser.add_argument("--buckets", action="store_true", help="SDXL aspect buckets instead of square crops")
     parser.add_argument("--random-crop", action="store_true", help="seeded random crops (default: center)")
     parser.add_argument("--syncap", action="store_true", help="alt text + generated caption (KOALA synCap)")
@@ -31,9 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", type=int, default=0, help="make shards with index %% num-parts == part")
     parser.add_argument("--num-parts", type=int, default=1, help="processes sharing the work")
     args = parser.parse_args(argv)
+    resolution = args.resolution or native_resolution(args.pipeline)
+    if resolution is None:
+        parser.error(f"--resolution: {args.pipeline} has no unet/ and vae/ configs to take it from; give it")
     cfg = DataConfig(
         shards=args.shards,
-        resolution=args.resolution,
+        resolution=resolution,
         buckets=args.buckets,
         random_crop=args.random_crop,
         random_flip=False,
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         part=args.part,
         num_parts=args.num_parts,
     )
-    print(json.dumps(summary), flush=True)
+    print(json.dumps({**summary, "resolution": resolution}), flush=True)
 
 
 if __name__ == "__main__":

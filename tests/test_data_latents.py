@@ -14,7 +14,7 @@ import webdataset as wds
 
 from data.config import DataConfig
 from data.decode import RawDecoder
-from data.latents import load_encoders, make_latents, sample_rng
+from data.latents import load_encoders, make_latents, native_resolution, sample_rng
 from data.stream import build_loader, collate
 from data.synthetic import write_synthetic_shards
 from distill.conditioning import encode_images, encode_prompts
@@ -100,7 +100,7 @@ def test_make_latents_resumes_shard_by_shard(tiny_pipeline_dir, raw_shards, tmp_
     ]
     make_latents_script.main(args)
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert first["made"] == 3 and first["written"] == 9
+    assert first["made"] == 3 and first["written"] == 9 and first["resolution"] == RES
     digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))}
 
     (out / "000001.tar").unlink()  # as if the run had been killed while writing it
@@ -115,3 +115,18 @@ def test_make_latents_resumes_shard_by_shard(tiny_pipeline_dir, raw_shards, tmp_
     batches = list(itertools.islice(iter(build_loader(lat_cfg, batch_size=1, rank=0, world_size=1, seed=0)), 9))
     assert sorted(k for b in batches for k in b["keys"]) == sorted(_latent_samples(str(out)))
     assert all(b["latents"].dtype == torch.float32 and torch.isfinite(b["latents"]).all() for b in batches)
+
+
+def test_the_default_resolution_is_the_pipelines_own(tiny_pipeline_dir, tmp_path):
+    """U-Net sample_size x VAE factor: the tiny pipeline 32 x 2; SDXL-Turbo's configs 64 x 8; SDXL's 128 x 8."""
+    assert native_resolution(str(tiny_pipeline_dir)) == 64
+    for sample_size, side in ((64, 512), (128, 1024)):
+        folder = tmp_path / str(side)
+        (folder / "unet").mkdir(parents=True)
+        (folder / "vae").mkdir()
+        (folder / "unet" / "config.json").write_text(json.dumps({"sample_size": sample_size}))
+        (folder / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+        assert native_resolution(str(folder)) == side
+    assert native_resolution(str(tmp_path / "nothing")) is None
+    with pytest.raises(SystemExit):  # no configs and no --resolution: argparse's one-line error
+        make_latents_script.main(["--pipeline", str(tmp_path / "nothing"), "--shards", "x", "--out", "y"])
