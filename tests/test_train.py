@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from train.callbacks import Callback
-from train.config import load_config, validate
+from train.config import ConfigError, load_config, validate
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
@@ -83,6 +83,15 @@ def test_resume_restores_everything_and_matches_an_uninterrupted_run(tmp_path, d
     from train.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(out).name == "step_000000004"
+    # a resume whose student, optimizer or EMA setting differs from the checkpoint's is one line before any model
+    for change, needle in [(("train.ema=false",), "train.ema true -> false"),
+                           (("train.optimizer=adamw8bit",), 'train.optimizer "adamw" -> "adamw8bit"'),
+                           (("student=custom", "student.layers_per_block=[1,1,1]",
+                             "student.transformer_layers_per_block=[1,1,2]", "student.mid_block=false"),
+                            "student U-Net mid_block_type UNetMidBlock2DCrossAttn -> None")]:
+        with pytest.raises(ConfigError) as info:
+            tiny_cfg(out, demo_shards, tiny_pipeline_dir, *common, "train.resume=latest", *change)
+        assert needle in str(info.value) and "step_000000004" in str(info.value), str(info.value)
     resumed_run, summary = run_cfg(tiny_cfg(out, demo_shards, tiny_pipeline_dir, *common, "train.resume=latest"))
     resumed = _state(resumed_run)
     assert summary["steps"] == 8 and resumed["step"] == full["step"] == 8

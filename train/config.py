@@ -240,6 +240,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _check_data(cfg, world_size)
     if tr.resume not in (None, "latest") and not Path(tr.resume).is_dir():
         raise ConfigError(f"train.resume={tr.resume} is neither 'latest' nor a checkpoint folder")
+    if tr.resume is not None:
+        _check_state_resume(cfg)
     if tr.resume is not None and tr.resume_data == "exact":
         _check_data_resume(cfg, world_size)
 
@@ -273,6 +275,55 @@ def data_identity(cfg: DictConfig, world_size: int, rank: int) -> dict[str, Any]
 _LAYOUT_KEYS = {"world_size": "processes", "num_workers": "data.num_workers (min 1)",
                 "batch_size": "train.micro_batch_size", "seed": "train.seed", "num_shards": "shards in data.shards",
                 "resampled": "data.resampled", "kind": "data.kind", "version": "loader state version"}
+
+
+def resume_state_changes(cfg: DictConfig, ckpt_dir: Path) -> list[str]:
+    """What keeps this run from loading the training state of `ckpt_dir` (empty when it can): another student
+    architecture (this run's student U-Net config against the checkpoint's student/config.json), another optimizer
+    (its state has another layout) or EMA turned on or off (Accelerate restores a fixed list of objects)."""
+    import json
+
+    from distill.students import derive_student_config, resolve_spec
+    from distill.teachers import teacher_unet_config
+    from train.checkpoint import read_meta
+
+    changes: list[str] = []
+    saved_unet = ckpt_dir / "student" / "config.json"
+    if saved_unet.is_file():
+        s = cfg.student
+        now = derive_student_config(teacher_unet_config(cfg.teacher),
+                                    resolve_spec(s.name, s.layers_per_block, s.transformer_layers_per_block,
+                                                 s.mid_block))
+        was = json.loads(saved_unet.read_text())
+        for key in sorted(set(now) & set(was)):
+            a, b = json.loads(json.dumps(was[key])), json.loads(json.dumps(now[key]))  # tuples as lists
+            if a != b:
+                changes.append(f"student U-Net {key} {a} -> {b}")
+    saved = read_meta(ckpt_dir).get("config") or {}
+    for key in ("optimizer", "ema"):
+        was = (saved.get("train") or {}).get(key)
+        if was is not None and was != cfg.train[key]:
+            changes.append(f"train.{key} {json.dumps(was)} -> {json.dumps(cfg.train[key])}")
+    return changes
+
+
+def _check_state_resume(cfg: DictConfig) -> None:
+    from train.checkpoint import resolve_resume
+
+    try:
+        ckpt_dir = resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
+    if ckpt_dir is None:
+        return
+    changes = resume_state_changes(cfg, ckpt_dir)
+    if changes:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise ConfigError(
+            f"train.resume: {ckpt_dir.name} holds the training state of another setup ({shown}); a resume "
+            "restores the student and its optimizer as they were. Resume with the checkpoint's settings (its "
+            "meta.json holds its config), or start a new run in another train.output_dir"
+        )
 
 
 def _check_data_resume(cfg: DictConfig, world_size: int) -> None:
