@@ -174,6 +174,35 @@ def test_the_latent_check_reads_past_an_unreadable_first_sample(tmp_path):
         validate(cfg)
 
 
+@pytest.mark.parametrize("saved_deepspeed, saved_world, launch_deepspeed, world, needle", [
+    (False, 1, True, 2, "written without DeepSpeed, launched with it"),
+    (True, 2, False, 1, "written with DeepSpeed, launched without it"),
+    (True, 2, True, 4, "DeepSpeed ranks 2 -> 4"),
+    (True, 2, True, 2, None),
+    (False, 2, False, 4, None),  # Accelerate's DDP state loads on any number of processes
+])
+def test_a_resume_across_launchers_is_one_line(tmp_path, demo_shards, monkeypatch, saved_deepspeed, saved_world,
+                                                launch_deepspeed, world, needle):
+    """The checkpoint's layout (Accelerate's pytorch_model/ folder for a DeepSpeed engine) and meta.json's
+    world_size against this launch (`accelerate launch` sets ACCELERATE_USE_DEEPSPEED)."""
+    import json
+
+    ckpt = tmp_path / "checkpoints" / "step_000000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 4, "world_size": saved_world}))
+    if saved_deepspeed:
+        (ckpt / "pytorch_model").mkdir()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true" if launch_deepspeed else "false")
+    cfg = load_config([f"data.shards={demo_shards}", "data.num_workers=1", f"train.resume={ckpt}",
+                       "train.global_batch_size=8", "train.micro_batch_size=2"])
+    if needle is None:
+        validate(cfg, world_size=world)
+        return
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size=world)
+    assert needle in str(info.value) and "step_000000004" in str(info.value)
+
+
 def test_readme_training_commands_compose():
     """Every `train/main.py` command in the README, split like a shell would, composes with Hydra."""
     import re

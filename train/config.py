@@ -241,7 +241,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if tr.resume not in (None, "latest") and not Path(tr.resume).is_dir():
         raise ConfigError(f"train.resume={tr.resume} is neither 'latest' nor a checkpoint folder")
     if tr.resume is not None:
-        _check_state_resume(cfg)
+        _check_state_resume(cfg, world_size)
     if tr.resume is not None and tr.resume_data == "exact":
         _check_data_resume(cfg, world_size)
 
@@ -277,11 +277,14 @@ _LAYOUT_KEYS = {"world_size": "processes", "num_workers": "data.num_workers (min
                 "resampled": "data.resampled", "kind": "data.kind", "version": "loader state version"}
 
 
-def resume_state_changes(cfg: DictConfig, ckpt_dir: Path) -> list[str]:
+def resume_state_changes(cfg: DictConfig, ckpt_dir: Path, world_size: int = 1) -> list[str]:
     """What keeps this run from loading the training state of `ckpt_dir` (empty when it can): another student
     architecture (this run's student U-Net config against the checkpoint's student/config.json), another optimizer
-    (its state has another layout) or EMA turned on or off (Accelerate restores a fixed list of objects)."""
+    (its state has another layout), EMA turned on or off (Accelerate restores a fixed list of objects), DeepSpeed
+    on one side only (another file layout), or another number of DeepSpeed ranks (partitioned optimizer states).
+    Whether this launch uses DeepSpeed is read from `accelerate launch`'s environment."""
     import json
+    import os
 
     from distill.students import derive_student_config, resolve_spec
     from distill.teachers import teacher_unet_config
@@ -304,10 +307,18 @@ def resume_state_changes(cfg: DictConfig, ckpt_dir: Path) -> list[str]:
         was = (saved.get("train") or {}).get(key)
         if was is not None and was != cfg.train[key]:
             changes.append(f"train.{key} {json.dumps(was)} -> {json.dumps(cfg.train[key])}")
+    saved_deepspeed = (ckpt_dir / "pytorch_model").is_dir()  # Accelerate's folder for the DeepSpeed engine
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if saved_deepspeed != deepspeed:
+        changes.append(f"written {'with' if saved_deepspeed else 'without'} DeepSpeed, launched "
+                       f"{'with' if deepspeed else 'without'} it")
+    saved_world = read_meta(ckpt_dir).get("world_size")
+    if saved_deepspeed and deepspeed and saved_world not in (None, world_size):
+        changes.append(f"DeepSpeed ranks {saved_world} -> {world_size} (each holds its part of the optimizer state)")
     return changes
 
 
-def _check_state_resume(cfg: DictConfig) -> None:
+def _check_state_resume(cfg: DictConfig, world_size: int) -> None:
     from train.checkpoint import resolve_resume
 
     try:
@@ -316,13 +327,13 @@ def _check_state_resume(cfg: DictConfig) -> None:
         raise ConfigError(str(exc)) from exc
     if ckpt_dir is None:
         return
-    changes = resume_state_changes(cfg, ckpt_dir)
+    changes = resume_state_changes(cfg, ckpt_dir, world_size)
     if changes:
         shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         raise ConfigError(
             f"train.resume: {ckpt_dir.name} holds the training state of another setup ({shown}); a resume "
-            "restores the student and its optimizer as they were. Resume with the checkpoint's settings (its "
-            "meta.json holds its config), or start a new run in another train.output_dir"
+            "restores the student and its optimizer as they were. Resume with the checkpoint's settings and "
+            "launcher (its meta.json holds its config), or start a new run in another train.output_dir"
         )
 
 
