@@ -67,6 +67,31 @@ def _frozen(module: torch.nn.Module, device: torch.device | str, dtype: torch.dt
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def unet_file_mismatch(unet_file: str | Path, unet_config: dict[str, Any]) -> str | None:
+    """How a safetensors state dict differs from a U-Net built from `unet_config` (names and shapes, read from the
+    file's header; nothing is loaded), or None when it fits. Raises TeacherError when the file cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(unet_file), framework="pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise TeacherError(f"teacher.unet_file={unet_file} cannot be read as safetensors: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config({k: v for k, v in unet_config.items() if not k.startswith("_")})
+    want = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    shapes = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if not (missing or unexpected or shapes):
+        return None
+    parts = [f"{len(missing)} missing (first: {missing[0]})" if missing else "",
+             f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "",
+             f"{len(shapes)} of other shapes (first: {shapes[0]} {list(have[shapes[0]])} where the U-Net has "
+             f"{list(want[shapes[0]])})" if shapes else ""]
+    return f"of its {len(have)} tensors, " + ", ".join(p for p in parts if p)
+
+
 def load_teacher_unet(
     tcfg: Any, path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> UNet2DConditionModel:
@@ -77,15 +102,12 @@ def load_teacher_unet(
         from safetensors.torch import load_file
 
         config = UNet2DConditionModel.load_config(str(path), subfolder="unet")
+        problem = unet_file_mismatch(tcfg.unet_file, config)
+        if problem:
+            raise TeacherError(f"teacher.unet_file={tcfg.unet_file} does not fit {path}/unet: {problem}")
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(config)
-        state = load_file(str(tcfg.unet_file), device=str(device))
-        missing, unexpected = unet.load_state_dict(state, strict=False, assign=True)
-        if missing or unexpected:
-            raise TeacherError(
-                f"teacher.unet_file={tcfg.unet_file} does not fit {path}/unet: {len(missing)} missing, "
-                f"{len(unexpected)} unexpected tensors (first: {(missing or unexpected)[0]})"
-            )
+        unet.load_state_dict(load_file(str(tcfg.unet_file), device=str(device)), strict=True, assign=True)
     else:
         unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype)
     return _frozen(unet, device, dtype)

@@ -203,6 +203,38 @@ def test_a_resume_across_launchers_is_one_line(tmp_path, demo_shards, monkeypatc
     assert needle in str(info.value) and "step_000000004" in str(info.value)
 
 
+def test_a_teacher_unet_file_must_be_a_whole_unet_for_the_teacher(tmp_path, demo_shards, tiny_pipeline_dir):
+    """SDXL-Lightning's U-Net file replaces the teacher's U-Net: its names and shapes are read from the file's
+    header before any model loads, and checked again when the teacher loads (one line, not a state-dict dump)."""
+    from safetensors.torch import load_file, save_file
+
+    from distill.teachers import TeacherError, load_teacher_unet
+
+    good = tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(good))
+    first = sorted(state)[0]
+    cases = {"lora": ({"lora_unet_down_blocks_0.alpha": torch.zeros(1)}, f"{len(state)} missing"),
+             "shape": ({**state, first: torch.zeros(3, 3)}, f"1 of other shapes (first: {first} [3, 3] where")}
+    for name, (tensors, _) in cases.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    (tmp_path / "text.safetensors").write_text("not a safetensors file")
+    cases["text"] = ({}, "cannot be read as safetensors")
+
+    def cfg(unet_file):
+        return load_config([f"data.shards={demo_shards}", "data.num_workers=1", f"teacher.path={tiny_pipeline_dir}",
+                            f"teacher.unet_file={unet_file}"])
+
+    validate(cfg(good))
+    for name, (_, needle) in cases.items():
+        with pytest.raises(ConfigError) as info:
+            validate(cfg(tmp_path / f"{name}.safetensors"))
+        assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+    with pytest.raises(TeacherError, match=f"does not fit .*{len(state)} missing"):
+        load_teacher_unet(cfg(tmp_path / "lora.safetensors").teacher, tiny_pipeline_dir)
+    unet = load_teacher_unet(cfg(good).teacher, tiny_pipeline_dir, dtype=torch.float32)
+    assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
+
+
 def test_readme_training_commands_compose():
     """Every `train/main.py` command in the README, split like a shell would, composes with Hydra."""
     import re

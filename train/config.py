@@ -224,6 +224,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(f"teacher.path={t.path} does not exist (leave it null to build the tiny pipeline)")
     if t.unet_file and not Path(t.unet_file).is_file():
         raise ConfigError(f"teacher.unet_file={t.unet_file} does not exist (a .safetensors U-Net file)")
+    if t.unet_file and not t.random_init:
+        _check_unet_file(t)
     if t.vae_path and not Path(t.vae_path).is_dir():
         raise ConfigError(f"teacher.vae_path={t.vae_path} does not exist (a diffusers VAE folder)")
     if t.name == "sdxl_lightning" and not t.unet_file:
@@ -421,6 +423,20 @@ def _check_latents(cfg: DictConfig, urls: list[str]) -> None:
             f"{example.key}) but teacher.resolution={t.resolution}: make them at {t.resolution} px (make latents "
             f"ARGS='--resolution {t.resolution}'), or set teacher.resolution={round(side)}"
         )
+
+
+def _check_unet_file(t: DictConfig) -> None:
+    """teacher.unet_file must hold exactly the teacher U-Net's tensors at its shapes: read from the file's header
+    only, against the U-Net built from the teacher's config on the meta device (no weights are loaded)."""
+    from distill.teachers import TeacherError, teacher_unet_config, unet_file_mismatch
+
+    try:
+        problem = unet_file_mismatch(t.unet_file, teacher_unet_config(t))
+    except TeacherError as exc:
+        raise ConfigError(str(exc)) from exc
+    if problem:
+        raise ConfigError(f"teacher.unet_file={t.unet_file} is not a U-Net for this teacher: {problem}. Give the "
+                          "full U-Net file (e.g. sdxl_lightning_4step_unet.safetensors, not a LoRA)")
 
 
 def _check_student(cfg: DictConfig) -> None:

@@ -33,12 +33,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    from distill.teachers import TeacherError
     from train.checkpoint import CheckpointWriteError
     from train.loop import NonFiniteError, setup, train
 
     try:
         run = setup(cfg)
         summary = train(run)
+    except TeacherError as exc:  # found while loading, e.g. a folder that changed after the checks
+        if first_rank:
+            print(f"config error: {exc}", file=sys.stderr)
+        return 2
     except NonFiniteError as exc:
         if first_rank:
             print(f"error: {exc}", file=sys.stderr)
