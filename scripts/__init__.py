@@ -1,0 +1,20 @@
+"""Command-line tools behind the Make targets."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+def cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None, *,
+        errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a script's `main(argv)` and return its exit code. The errors a user causes (`errors`: a missing path, a
+    folder of the wrong kind, an unknown key) become one line `error: <message>` on stderr and exit code 2 instead
+    of a traceback; a main that returns an int returns it, anything else is 0."""
+    try:
+        result = main(argv)
+    except errors as exc:
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0

@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from distill.evaluation import EvalConfig, run_eval
 from distill.metrics import Hpsv2Scorer
-from distill.sampling import pick_device
+from distill.sampling import SourceError, pick_device
+from scripts import cli
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml"
 HPS_ARCH = "ViT-H-14"  # HPSv2 fine-tunes OpenCLIP ViT-H/14
@@ -83,5 +85,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+
+def entry(argv: list[str] | None = None) -> int:
+    """main() with one-line errors for bad paths and arguments (exit code 2)."""
+    return cli(main, argv, errors=(SourceError, FileNotFoundError, OmegaConfBaseException))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

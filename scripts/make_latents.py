@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from data.config import DataConfig
 from data.latents import make_latents, native_resolution
+from scripts import cli
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", type=int, default=0, help="make shards with index %% num-parts == part")
     parser.add_argument("--num-parts", type=int, default=1, help="processes sharing the work")
     args = parser.parse_args(argv)
+    if not Path(args.pipeline).is_dir():
+        parser.error(f"--pipeline {args.pipeline} is not a folder (a diffusers SDXL pipeline: vae/, text encoders)")
     resolution = args.resolution or native_resolution(args.pipeline)
     if resolution is None:
         parser.error(f"--resolution: {args.pipeline} has no unet/ and vae/ configs to take it from; give it")
@@ -61,5 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({**summary, "resolution": resolution}), flush=True)
 
 
+
+def entry(argv: list[str] | None = None) -> int:
+    """main() with one-line errors for bad paths and arguments (exit code 2)."""
+    return cli(main, argv, errors=(FileNotFoundError, ValueError))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

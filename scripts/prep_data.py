@@ -9,8 +9,10 @@ Prints one line per skip reason, then one JSON line {"written", "skipped", "shar
 from __future__ import annotations
 
 import argparse
+import sys
 
 from data.prep import PrepOptions, prep_shards, report_lines
+from scripts import cli
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,5 +47,11 @@ def main(argv: list[str] | None = None) -> None:
         print(line, flush=True)
 
 
+
+def entry(argv: list[str] | None = None) -> int:
+    """main() with one-line errors for bad paths and arguments (exit code 2)."""
+    return cli(main, argv, errors=(FileNotFoundError, ValueError))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

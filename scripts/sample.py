@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from distill.sampling import DTYPES, SAMPLER_DEFAULTS, read_prompts, sample
+from distill.sampling import DTYPES, SAMPLER_DEFAULTS, SourceError, read_prompts, sample
+from scripts import cli
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,5 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+
+def entry(argv: list[str] | None = None) -> int:
+    """main() with one-line errors for bad paths and arguments (exit code 2)."""
+    return cli(main, argv, errors=(SourceError, FileNotFoundError))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

@@ -1,0 +1,36 @@
+"""The command-line tools turn the mistakes users make (missing paths, folders of the wrong kind, unknown keys)
+into one `error:` line and exit code 2, not a traceback."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("script, argv, needle", [
+    ("sample", ["--source", "{tmp}/nope", "--prompt", "a cat"], "is neither a pipeline folder"),
+    ("sample", ["--source", "{tiny}", "--prompts", "{tmp}/prompts.txt"], "No such file or directory"),
+    ("eval", ["student={tmp}/nope"], "is neither a pipeline folder"),
+    ("eval", ["student={tiny}", "nonsense=1"], "Key 'nonsense' not in 'EvalConfig'"),
+    ("prep_data", ["--src", "{tmp}/nope", "--out", "{tmp}/out"], "does not exist"),
+    ("prep_data", ["--src", "{tiny}/vae/diffusion_pytorch_model.safetensors", "--out", "{tmp}/out"],
+     "must be a .parquet or .jsonl"),
+    ("make_latents", ["--pipeline", "{tiny}", "--shards", "{tmp}/nope.tar", "--out", "{tmp}/out"],
+     "shards do not exist"),
+])
+def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tiny_pipeline_dir, capsys):
+    module = importlib.import_module(f"scripts.{script}")
+    args = [a.format(tmp=tmp_path, tiny=tiny_pipeline_dir) for a in argv]
+    assert module.entry(args) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], captured.err
+
+
+def test_make_latents_names_a_missing_pipeline_folder(tmp_path, capsys):
+    from scripts import make_latents
+
+    with pytest.raises(SystemExit) as exc:
+        make_latents.entry(["--pipeline", str(tmp_path / "nope"), "--shards", "x", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "--pipeline" in capsys.readouterr().err
