@@ -42,6 +42,11 @@ _STORAGE = {"float32": np.float32, "float16": np.float16}
 EMPTY_PROMPT_FILE = "empty_prompt.npz"
 
 
+def empty_prompt_path(shards: str) -> Path:
+    """Where the empty caption's embeddings of a latent shard set are: beside its first shard."""
+    return Path(expand_shards(shards)[0]).parent / EMPTY_PROMPT_FILE
+
+
 def native_resolution(pipeline_dir: str) -> int | None:
     """The side in px a pipeline generates at: its U-Net's sample_size times the VAE's downsampling factor (SDXL
     1024, SDXL-Turbo 512, the tiny pipeline 64); None when the folder's configs do not say."""

@@ -59,6 +59,7 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     (["+experiment=koala_1b"], "teacher.path is not set"),
     (["+experiment=koala_lightning_1b"], "teacher.path and teacher.unet_file are not set"),
     (["data.resolution=128"], "set teacher.resolution=128 instead"),
+    ([f"train.output_dir={CONF_DIR}/config.yaml/run"], "config.yaml is a file, not a folder"),
     (["+experiment=koala_lightning_1b", "teacher.path=/nonexistent"], "teacher.path=/nonexistent"),
     (["+experiment=koala_lightning_1b", f"teacher.path={CONF_DIR}"], "teacher.unet_file is not set"),
     (["+experiment=koala_1b", f"teacher.path={CONF_DIR}", "data.shards=''"], "data.shards is not set"),
@@ -142,6 +143,30 @@ def test_latent_shards_that_do_not_fit_the_teacher_are_one_line(tmp_path, change
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_caption_dropout_on_latents_needs_the_empty_caption_file(tmp_path):
+    from data.latents import EMPTY_PROMPT_FILE
+    from data.synthetic import write_synthetic_latent_shards
+
+    write_synthetic_latent_shards(str(tmp_path), num_shards=1, samples_per_shard=2, **TINY_LATENTS)
+    cfg = load_config(["data.kind=latents", f"data.shards={tmp_path}", "data.num_workers=1",
+                       "distill.caption_dropout=0.1"])
+    validate(cfg)  # written beside the shards
+    (tmp_path / EMPTY_PROMPT_FILE).unlink()
+    with pytest.raises(ConfigError, match=f"needs the empty caption's embeddings in .*{EMPTY_PROMPT_FILE}"):
+        validate(cfg)
+    validate(load_config(["data.kind=latents", f"data.shards={tmp_path}", "data.num_workers=1"]))  # no dropout
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, demo_shards, monkeypatch):
+    import os
+
+    cfg = load_config([f"data.shards={demo_shards}", f"train.output_dir={tmp_path}/a/b"])
+    validate(cfg)
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))  # as if tmp_path were read-only
+    with pytest.raises(ConfigError, match=f"cannot be created: {tmp_path} is not writable"):
+        validate(cfg)
 
 
 def test_the_latent_check_reads_past_an_unreadable_first_sample(tmp_path):

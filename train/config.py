@@ -240,6 +240,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             "(data.resolution follows it)"
         )
     _check_data(cfg, world_size)
+    _check_output_dir(tr.output_dir)
     if tr.resume not in (None, "latest") and not Path(tr.resume).is_dir():
         raise ConfigError(f"train.resume={tr.resume} is neither 'latest' nor a checkpoint folder")
     if tr.resume is not None:
@@ -389,6 +390,14 @@ def _check_data(cfg: DictConfig, world_size: int) -> None:
         )
     if cfg.data.kind == "latents":
         _check_latents(cfg, shards)
+        if cfg.distill.caption_dropout > 0:
+            from data.latents import empty_prompt_path
+
+            path = empty_prompt_path(cfg.data.shards)
+            if not path.is_file():
+                raise ConfigError(f"distill.caption_dropout={cfg.distill.caption_dropout} needs the empty caption's "
+                                  f"embeddings in {path} (make latents writes them beside the shards), or set "
+                                  "distill.caption_dropout=0")
 
 
 def _check_latents(cfg: DictConfig, urls: list[str]) -> None:
@@ -423,6 +432,19 @@ def _check_latents(cfg: DictConfig, urls: list[str]) -> None:
             f"{example.key}) but teacher.resolution={t.resolution}: make them at {t.resolution} px (make latents "
             f"ARGS='--resolution {t.resolution}'), or set teacher.resolution={round(side)}"
         )
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """train.output_dir must be a folder this process can create or write in (nothing is created here)."""
+    import os
+
+    path = Path(output_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"train.output_dir={output_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise ConfigError(f"train.output_dir={output_dir} {what} by this user; choose another folder")
 
 
 def _check_unet_file(t: DictConfig) -> None:

@@ -425,14 +425,10 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
 
 def _empty_prompt(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The empty caption's embeddings saved beside latent shards by `make latents` (for caption dropout)."""
-    from data.latents import EMPTY_PROMPT_FILE
-    from data.stream import expand_shards
+    from data.latents import empty_prompt_path
 
-    first = expand_shards(cfg.data.shards)[0]
-    path = Path(first).parent / EMPTY_PROMPT_FILE
-    if not path.is_file():
-        if cfg.distill.caption_dropout > 0:
-            raise FileNotFoundError(f"distill.caption_dropout needs {path} (written by make latents)")
+    path = empty_prompt_path(cfg.data.shards)
+    if not path.is_file():  # train/config.py refuses caption dropout without it, before models load
         return None
     arrays = np.load(path)
     return torch.from_numpy(arrays["prompt_embeds"]), torch.from_numpy(arrays["pooled_prompt_embeds"])
