@@ -24,6 +24,7 @@ from distill.sampling import (
     DTYPES,
     Generation,
     LoadedSource,
+    check_settings,
     generate,
     image_grid,
     load_source,
@@ -66,6 +67,10 @@ class EvalConfig:
     wandb: bool = False  # log to W&B (scripts/eval.py)
     wandb_project: str = "koala-distill"
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes copied into the report
+
+    def __post_init__(self) -> None:
+        check_settings(steps=self.steps, guidance_scale=self.guidance_scale, height=self.height, width=self.width,
+                       batch_size=self.batch_size)
 
 
 def build_clip_scorer(cfg: EvalConfig, device: torch.device) -> tuple[ClipScorer | None, str | None]:

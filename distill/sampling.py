@@ -68,6 +68,22 @@ class SourceError(ValueError):
     """A folder that is neither a pipeline folder nor a checkpoint folder, or an incomplete one."""
 
 
+class SettingsError(ValueError):
+    """Sampler settings a pipeline cannot run (one line naming the setting)."""
+
+
+def check_settings(*, steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
+                   width: int | None = None, batch_size: int | None = None) -> None:
+    """Raise SettingsError for settings SDXL pipelines cannot run: fewer than 1 step or image per batch, a negative
+    guidance scale, or a side (px) that is not a positive multiple of 8. None means the family default."""
+    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("guidance_scale", guidance_scale, 0)):
+        if value is not None and value < low:
+            raise SettingsError(f"{name} must be at least {low}, not {value}")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value < 8 or value % 8):
+            raise SettingsError(f"{name} must be a positive multiple of 8 px (SDXL pipelines need it), not {value}")
+
+
 @dataclass
 class SampleSettings:
     """Resolved sampler settings for one run (sizes in px)."""

@@ -72,6 +72,9 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
     bad = sorted(set(unet_paths) - set(MODELS))
     if bad:
         p.error(f"--unet names unknown models {bad}; one of {list(MODELS)}")
+    for flag, path in [*((f"--unet {m}=", d) for m, d in unet_paths.items()), ("--vae ", a.vae)]:
+        if path is not None and not Path(path).is_dir():
+            p.error(f"{flag}{path} is not a local folder (nothing is downloaded)")
     return BenchConfig(
         models=a.models, resolution=a.resolution or (64 if tiny else 1024),
         steps=a.steps or ([2] if tiny else [25, 10]), warmup=a.warmup if a.warmup is not None else (1 if tiny else 2),

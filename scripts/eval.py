@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distill.evaluation import EvalConfig, run_eval
 from distill.metrics import Hpsv2Scorer
-from distill.sampling import SourceError, pick_device
+from distill.sampling import SettingsError, SourceError, pick_device
 from scripts import cli
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml"
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def entry(argv: list[str] | None = None) -> int:
     """main() with one-line errors for bad paths and arguments (exit code 2)."""
-    return cli(main, argv, errors=(SourceError, FileNotFoundError, OmegaConfBaseException))
+    return cli(main, argv, errors=(SourceError, SettingsError, FileNotFoundError, OmegaConfBaseException))
 
 
 if __name__ == "__main__":

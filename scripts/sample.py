@@ -12,7 +12,15 @@ import argparse
 import json
 import sys
 
-from distill.sampling import DTYPES, SAMPLER_DEFAULTS, SourceError, read_prompts, sample
+from distill.sampling import (
+    DTYPES,
+    SAMPLER_DEFAULTS,
+    SettingsError,
+    SourceError,
+    check_settings,
+    read_prompts,
+    sample,
+)
 from scripts import cli
 
 
@@ -38,6 +46,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--grid-cols", type=int, default=4)
     args = p.parse_args(argv)
+    try:
+        check_settings(steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
+                       batch_size=args.batch_size)
+    except SettingsError as exc:
+        p.error(str(exc))
+    if args.grid_cols < 1:
+        p.error(f"--grid-cols must be at least 1, not {args.grid_cols}")
 
     prompts = list(args.prompt)
     if args.prompts:

@@ -18,6 +18,8 @@ import pytest
      "must be a .parquet or .jsonl"),
     ("make_latents", ["--pipeline", "{tiny}", "--shards", "{tmp}/nope.tar", "--out", "{tmp}/out"],
      "shards do not exist"),
+    ("eval", ["student={tiny}", "steps=0"], "steps must be at least 1, not 0"),
+    ("eval", ["student={tiny}", "height=30"], "height must be a positive multiple of 8 px"),
 ])
 def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tiny_pipeline_dir, capsys):
     module = importlib.import_module(f"scripts.{script}")
@@ -28,9 +30,17 @@ def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tin
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], captured.err
 
 
-def test_make_latents_names_a_missing_pipeline_folder(tmp_path, capsys):
-    from scripts import make_latents
-
+@pytest.mark.parametrize("script, argv, needle", [
+    ("make_latents", ["--pipeline", "{tmp}/nope", "--shards", "x", "--out", "{tmp}"], "--pipeline {tmp}/nope is not"),
+    ("sample", ["--source", "{tiny}", "--prompt", "a", "--width", "12"], "width must be a positive multiple of 8"),
+    ("sample", ["--source", "{tiny}", "--prompt", "a", "--steps", "0"], "steps must be at least 1"),
+    ("bench_infer", ["--unet", "koala_1b={tmp}/nope"], "--unet koala_1b={tmp}/nope is not a local folder"),
+    ("bench_infer", ["--vae", "{tmp}/nope"], "--vae {tmp}/nope is not a local folder"),
+])
+def test_bad_arguments_stop_before_any_model_with_argparse_usage(script, argv, needle, tmp_path, tiny_pipeline_dir,
+                                                                 capsys):
+    module = importlib.import_module(f"scripts.{script}")
     with pytest.raises(SystemExit) as exc:
-        make_latents.entry(["--pipeline", str(tmp_path / "nope"), "--shards", "x", "--out", str(tmp_path)])
-    assert exc.value.code == 2 and "--pipeline" in capsys.readouterr().err
+        getattr(module, "entry", module.main)([a.format(tmp=tmp_path, tiny=tiny_pipeline_dir) for a in argv])
+    assert exc.value.code == 2
+    assert needle.format(tmp=tmp_path) in capsys.readouterr().err.splitlines()[-1]
