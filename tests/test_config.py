@@ -60,6 +60,12 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     (["+experiment=koala_lightning_1b"], "teacher.path and teacher.unet_file are not set"),
     (["data.resolution=128"], "set teacher.resolution=128 instead"),
     ([f"train.output_dir={CONF_DIR}/config.yaml/run"], "config.yaml is a file, not a folder"),
+    (["train.ema_decay=1.5"], "train.ema_decay=1.5 must be in [0, 1)"),  # the average would diverge
+    (["train.lr=-1"], "train.lr=-1.0 must be positive"),
+    (["distill.caption_dropout=1.5"], "distill.caption_dropout=1.5 must be a probability in [0, 1]"),
+    (["distill.w_feat=-1"], "distill.w_feat=-1.0 must be 0 or more"),  # would push the features apart
+    (["train.max_nonfinite=0"], "train.max_nonfinite=0 must be at least 1"),
+    (["teacher.resolution=100"], "teacher.resolution=100 must be a positive multiple of 8 px"),
     (["+experiment=koala_lightning_1b", "teacher.path=/nonexistent"], "teacher.path=/nonexistent"),
     (["+experiment=koala_lightning_1b", f"teacher.path={CONF_DIR}"], "teacher.unet_file is not set"),
     (["+experiment=koala_1b", f"teacher.path={CONF_DIR}", "data.shards=''"], "data.shards is not set"),

@@ -171,6 +171,32 @@ _CHOICES = {
 }
 
 
+# Numeric settings and the values they admit: (key, test, what the value must be).
+_RANGES: tuple[tuple[str, Any, str], ...] = (
+    ("train.max_steps", lambda v: v >= 1, "at least 1"),
+    ("train.lr", lambda v: v > 0, "positive"),
+    ("train.warmup_steps", lambda v: v >= 0, "0 or more"),
+    ("train.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.adam_eps", lambda v: v > 0, "positive"),
+    ("train.weight_decay", lambda v: v >= 0, "0 or more"),
+    ("train.max_grad_norm", lambda v: v >= 0, "0 (no clipping) or more"),
+    ("train.ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.checkpoint_every", lambda v: v >= 0, "0 (only the final checkpoint) or more"),
+    ("train.keep_last", lambda v: v >= 0, "0 (keep all) or more"),
+    ("train.log_every", lambda v: v >= 1, "at least 1"),
+    ("train.sample_every", lambda v: v >= 0, "0 (none during the run) or more"),
+    ("train.max_nonfinite", lambda v: v >= 1, "at least 1"),
+    ("distill.w_task", lambda v: v >= 0, "0 or more"),
+    ("distill.w_out", lambda v: v >= 0, "0 or more"),
+    ("distill.w_feat", lambda v: v >= 0, "0 or more"),
+    ("distill.caption_dropout", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ("teacher.resolution", lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8 px"),
+    ("teacher.num_train_timesteps", lambda v: v >= 1, "at least 1"),
+    ("teacher.trailing_steps", lambda v: 1 <= v, "at least 1"),
+)
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Semantic checks that need no model: choices, paths, shards, student vs teacher, batch arithmetic.
 
@@ -180,6 +206,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for key, admits, what in _RANGES:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not admits(value):
+            raise ConfigError(f"{key}={value} must be {what}")
     for ftype in cfg.distill.feature_types:
         if ftype not in ("sa", "ca", "ffn", "res"):
             raise ConfigError(f"distill.feature_types: {ftype!r} is not one of sa, ca, ffn, res")
