@@ -57,7 +57,7 @@ class TrainConfig:
     ema: bool = False  # keep an exponential moving average of the student
     ema_decay: float = 0.9999  # EMA decay per optimizer step
     checkpoint_every: int = 5000  # optimizer steps between checkpoints; 0 disables (a final one is still written)
-    keep_last: int = 3  # checkpoints kept on disk (older ones are deleted)
+    keep_last: int = 3  # checkpoints kept on disk (older ones are deleted); 0 keeps every one
     resume: str | None = None  # null | latest | path to a checkpoint folder
     resume_data: str = "exact"  # exact: the data stream continues where it stopped (needs the same processes,
     # data.num_workers, micro_batch_size, seed and shard count) | next_epoch: any layout, from the next data epoch
