@@ -85,7 +85,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-
 def entry(argv: list[str] | None = None) -> int:
     """main() with one-line errors for bad paths and arguments (exit code 2)."""
     return cli(main, argv, errors=(SourceError, SettingsError, FileNotFoundError, OmegaConfBaseException))

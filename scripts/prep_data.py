@@ -47,7 +47,6 @@ def main(argv: list[str] | None = None) -> None:
         print(line, flush=True)
 
 
-
 def entry(argv: list[str] | None = None) -> int:
     """main() with one-line errors for bad paths and arguments (exit code 2)."""
     return cli(main, argv, errors=(FileNotFoundError, ValueError))
