@@ -122,6 +122,33 @@ def test_two_ranks_agree_consume_disjoint_samples_and_share_the_lr_schedule(tmp_
     assert lr_two == lr_one and len(set(lr_one)) > 1  # warmup + cosine, identical per optimizer step
 
 
+WAIT_AT_BARRIER = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+import torch.distributed as dist
+from train.loop import _process_group
+_process_group(float(sys.argv[1]))
+if dist.get_rank() == 1:
+    time.sleep(9)  # rank 1 is slow (a long checkpoint write); rank 0 waits for it
+t0 = time.time()
+try:
+    dist.barrier()
+    print(f"rank {dist.get_rank()} passed")
+except RuntimeError as err:
+    print(f"rank {dist.get_rank()} gave up after {time.time() - t0:.1f} s: {str(err)[:200]}")
+"""
+
+
+def test_train_collective_timeout_min_bounds_the_wait_at_a_barrier(tmp_path):
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT_AT_BARRIER)
+    _, out, err = _finish(_start(["0.05", str(ROOT)], nproc=2, script=str(script)), timeout=120)
+    line = next((x for x in out.splitlines() if x.startswith("rank 0")), err[-2000:])
+    given_up = re.fullmatch(r"rank 0 gave up after ([\d.]+) s: .*", line)
+    assert given_up, line  # 3 s of timeout: rank 0 stops waiting long before rank 1 arrives
+    assert 2.5 < float(given_up.group(1)) < 7
+
+
 def test_deepspeed_zero2_trains_saves_and_resumes_exactly(tmp_path, demo_shards, tiny_pipeline_dir):
     """The shipped ZeRO-2 accelerate config, two ranks on the CPU (gloo), bf16: the student's inputs follow its
     bf16 weights, the feature hooks fire on the engine's module (the step raises otherwise), both ranks hold the

@@ -74,6 +74,8 @@ class TrainConfig:
     max_nonfinite: int = 10  # consecutive non-finite losses/gradients before the run stops
     export: bool = True  # write a complete SDXL pipeline folder with the student at the end
     audit: bool = False  # write <run>/audit/rank<r>.jsonl: sample keys and LR of every step, final weight hash
+    collective_timeout_min: float = 30.0  # how long a rank waits in a collective (barrier, all-gather) before the
+    # launch fails; covers rank 0's sample grids and export and the slowest rank's checkpoint write (NCCL: 10)
 
 
 @dataclass
@@ -187,6 +189,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("train.log_every", lambda v: v >= 1, "at least 1"),
     ("train.sample_every", lambda v: v >= 0, "0 (none during the run) or more"),
     ("train.max_nonfinite", lambda v: v >= 1, "at least 1"),
+    ("train.collective_timeout_min", lambda v: v > 0, "positive (minutes)"),
     ("distill.w_task", lambda v: v >= 0, "0 or more"),
     ("distill.w_out", lambda v: v >= 0, "0 or more"),
     ("distill.w_feat", lambda v: v >= 0, "0 or more"),

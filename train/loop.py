@@ -253,20 +253,26 @@ def _wandb_mode(mode: str) -> str:
     return "online" if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore") else "offline"
 
 
-def _process_group() -> tuple[bool, int]:
+def _process_group(timeout_min: float) -> tuple[bool, int]:
     """Form the process group before the `Accelerator`; returns (run on the CPU, number of processes).
+
+    timeout_min: minutes a rank waits in a collective before it fails (NCCL's own default is 10, too short for
+    a slow checkpoint write of a 1B student while the other ranks wait for it).
 
     Without CUDA, Accelerate forms a multi-process (gloo) group only when told it runs on the CPU, and under
     DeepSpeed it picks no backend at all (every rank would believe it is alone while DeepSpeed's engine sees them
     all); gloo is named for that case, which is how the tests run ZeRO-2 on the CPU.
     """
+    from datetime import timedelta
+
     from accelerate import PartialState
 
+    timeout = timedelta(minutes=timeout_min)
     if torch.cuda.is_available():
-        return False, PartialState().num_processes
+        return False, PartialState(timeout=timeout).num_processes
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return False, PartialState(cpu=False, backend="gloo").num_processes
-    return True, PartialState(cpu=True).num_processes
+        return False, PartialState(cpu=False, backend="gloo", timeout=timeout).num_processes
+    return True, PartialState(cpu=True, timeout=timeout).num_processes
 
 
 def _pin_launcher_env(accum: int, max_grad_norm: float) -> None:
@@ -335,7 +341,7 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     tr = cfg.train
     output_dir = Path(tr.output_dir)
     use_wandb = cfg.tracking.wandb and cfg.tracking.mode != "disabled"
-    on_cpu, processes = _process_group()
+    on_cpu, processes = _process_group(tr.collective_timeout_min)
     accum = grad_accum_steps(cfg, processes)
     _pin_launcher_env(accum, tr.max_grad_norm)
     accelerator = Accelerator(
