@@ -67,17 +67,44 @@ def _frozen(module: torch.nn.Module, device: torch.device | str, dtype: torch.dt
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def unet_file_mismatch(unet_file: str | Path, unet_config: dict[str, Any]) -> str | None:
-    """How a safetensors state dict differs from a U-Net built from `unet_config` (names and shapes, read from the
-    file's header; nothing is loaded), or None when it fits. Raises TeacherError when the file cannot be read."""
+ORIGINAL_UNET_PREFIX = "model.diffusion_model."  # U-Net tensors in Stability's (A1111/ComfyUI) checkpoint layout
+
+
+def _unet_file_header(unet_file: str | Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in a safetensors file (its header only). Raises TeacherError."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(unet_file), framework="pt") as f:
-            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise TeacherError(f"teacher.unet_file={unet_file} cannot be read as safetensors: "
                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def _from_original_layout(tensors: dict[str, Tensor], unet_config: dict[str, Any]) -> dict[str, Tensor]:
+    """Diffusers names for the U-Net tensors of an original-layout SDXL checkpoint (`model.diffusion_model.*`;
+    the VAE and text-encoder tensors beside them are ignored), renamed by diffusers' own single-file converter.
+    Works on meta tensors too: the conversion only renames."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    return convert_ldm_unet_checkpoint(tensors, unet_config)
+
+
+def unet_file_mismatch(unet_file: str | Path, unet_config: dict[str, Any]) -> str | None:
+    """How a safetensors U-Net file differs from a U-Net built from `unet_config` (names and shapes, read from the
+    file's header; nothing is loaded), or None when it fits. The file holds either a diffusers U-Net state dict
+    (e.g. sdxl_lightning_4step_unet.safetensors) or a whole original-layout SDXL checkpoint, whose U-Net part is
+    compared after renaming. Raises TeacherError when the file cannot be read."""
+    have = _unet_file_header(unet_file)
+    if any(k.startswith(ORIGINAL_UNET_PREFIX) for k in have):
+        original = {k: torch.empty(shape, device="meta") for k, shape in have.items()
+                    if k.startswith(ORIGINAL_UNET_PREFIX)}
+        try:
+            have = {k: tuple(v.shape) for k, v in _from_original_layout(original, unet_config).items()}
+        except (KeyError, IndexError, ValueError) as exc:  # the converter indexes blocks the file may lack
+            return (f"its {len(original)} {ORIGINAL_UNET_PREFIX}* tensors do not convert to this U-Net "
+                    f"({type(exc).__name__}: {exc})")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config({k: v for k, v in unet_config.items() if not k.startswith("_")})
     want = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
@@ -92,22 +119,35 @@ def unet_file_mismatch(unet_file: str | Path, unet_config: dict[str, Any]) -> st
     return f"of its {len(have)} tensors, " + ", ".join(p for p in parts if p)
 
 
+def _read_unet_file(unet_file: str | Path, unet_config: dict[str, Any], device: torch.device | str
+                    ) -> dict[str, Tensor]:
+    """The U-Net state dict in a checked teacher.unet_file, diffusers names; of an original-layout checkpoint
+    only the U-Net tensors are read (its VAE and text encoders stay on disk)."""
+    from safetensors import safe_open
+
+    with safe_open(str(unet_file), framework="pt", device=str(device)) as f:
+        names = list(f.keys())
+        if not any(k.startswith(ORIGINAL_UNET_PREFIX) for k in names):
+            return {k: f.get_tensor(k) for k in names}
+        original = {k: f.get_tensor(k) for k in names if k.startswith(ORIGINAL_UNET_PREFIX)}
+    return _from_original_layout(original, unet_config)
+
+
 def load_teacher_unet(
     tcfg: Any, path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> UNet2DConditionModel:
-    """The teacher U-Net from path/unet, or from teacher.unet_file (a single safetensors state dict) if set,
-    in `dtype` (default teacher.dtype)."""
+    """The teacher U-Net from path/unet, or from teacher.unet_file if set (a diffusers U-Net state dict or an
+    original-layout SDXL checkpoint, as safetensors; path/unet gives its config), in `dtype` (default
+    teacher.dtype)."""
     dtype = dtype or DTYPES[tcfg.dtype]
     if tcfg.unet_file:
-        from safetensors.torch import load_file
-
         config = UNet2DConditionModel.load_config(str(path), subfolder="unet")
         problem = unet_file_mismatch(tcfg.unet_file, config)
         if problem:
             raise TeacherError(f"teacher.unet_file={tcfg.unet_file} does not fit {path}/unet: {problem}")
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(config)
-        unet.load_state_dict(load_file(str(tcfg.unet_file), device=str(device)), strict=True, assign=True)
+        unet.load_state_dict(_read_unet_file(tcfg.unet_file, config, device), strict=True, assign=True)
     else:
         unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype)
     return _frozen(unet, device, dtype)

@@ -266,6 +266,78 @@ def test_a_teacher_unet_file_must_be_a_whole_unet_for_the_teacher(tmp_path, demo
     assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
 
 
+def _to_original_layout(state: dict, config: dict) -> dict:
+    """A diffusers SDXL U-Net state dict renamed to Stability's checkpoint layout (`model.diffusion_model.*`),
+    written here from the layout's block structure, independently of diffusers' converter (which the loader uses
+    the other way round)."""
+    per_down = per_up = config["layers_per_block"] + 1  # down: resnets + a downsampler; up: resnets
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+    def rename(key: str) -> str:
+        parts = key.split(".")
+        for n in (1, 2):
+            if ".".join(parts[:n]) in fixed:
+                return "model.diffusion_model." + ".".join([fixed[".".join(parts[:n])], *parts[n:]])
+        if parts[0] == "mid_block":
+            slot = {"resnets.0": "0", "attentions.0": "1", "resnets.1": "2"}[".".join(parts[1:3])]
+            block, rest = f"middle_block.{slot}", parts[3:]
+        else:
+            i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+            if parts[0] == "down_blocks":
+                n = 1 + i * per_down + (per_down - 1 if kind == "downsamplers" else j)
+                block = f"input_blocks.{n}." + {"resnets": "0", "attentions": "1", "downsamplers": "0.op"}[kind]
+            else:
+                n = i * per_up + (per_up - 1 if kind == "upsamplers" else j)  # upsampler beside the last resnet
+                has_attn = "CrossAttn" in config["up_block_types"][i]
+                block = f"output_blocks.{n}." + {"resnets": "0", "attentions": "1",
+                                                 "upsamplers": "2.conv" if has_attn else "1.conv"}[kind]
+            if kind in ("downsamplers", "upsamplers"):
+                rest = rest[1:]  # downsamplers.0.conv -> 0.op, upsamplers.0.conv -> 2.conv (1.conv without attention)
+        if parts[0] in ("down_blocks", "up_blocks", "mid_block") and "resnets" in parts and rest[0] in resnet:
+            rest = [*resnet[rest[0]].split("."), *rest[1:]]
+        return "model.diffusion_model." + ".".join([block, *rest])
+
+    return {rename(k): v for k, v in state.items()}
+
+
+def test_a_teacher_unet_file_may_be_an_original_layout_sdxl_checkpoint(tmp_path, demo_shards, tiny_pipeline_dir):
+    """A whole SDXL checkpoint in Stability's layout (A1111/ComfyUI, e.g. a community fine-tune or SDXL-Lightning's
+    full checkpoint) serves as teacher.unet_file: its U-Net part is checked from the header, then loaded and
+    renamed; the VAE and text-encoder tensors beside it are ignored."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from distill.teachers import load_teacher_unet
+
+    state = load_file(str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    config = json.loads((tiny_pipeline_dir / "unet" / "config.json").read_text())
+    original = {k: v.half() for k, v in _to_original_layout(state, config).items()}
+    assert len(set(original)) == len(state)
+    others = {"first_stage_model.decoder.conv_in.weight": torch.zeros(8, 4, 3, 3),
+              "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias": torch.zeros(64)}
+    save_file({**original, **others}, str(tmp_path / "full.safetensors"))
+    short = {k: v for k, v in original.items() if "output_blocks.8." not in k}  # the last up resnet is gone
+    save_file(short, str(tmp_path / "short.safetensors"))
+
+    def cfg(unet_file):
+        return load_config([f"data.shards={demo_shards}", "data.num_workers=1", f"teacher.path={tiny_pipeline_dir}",
+                            f"teacher.unet_file={unet_file}"])
+
+    validate(cfg(tmp_path / "full.safetensors"))
+    unet = load_teacher_unet(cfg(tmp_path / "full.safetensors").teacher, tiny_pipeline_dir, dtype=torch.float32)
+    loaded = unet.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k].half().float()) for k in state)  # every tensor in its place
+    with pytest.raises(ConfigError) as info:
+        validate(cfg(tmp_path / "short.safetensors"))
+    assert "is not a U-Net for this teacher" in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
 def test_readme_training_commands_compose():
     """Every `train/main.py` command in the README, split like a shell would, composes with Hydra."""
     import re

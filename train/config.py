@@ -491,7 +491,8 @@ def _check_unet_file(t: DictConfig) -> None:
         raise ConfigError(str(exc)) from exc
     if problem:
         raise ConfigError(f"teacher.unet_file={t.unet_file} is not a U-Net for this teacher: {problem}. Give the "
-                          "full U-Net file (e.g. sdxl_lightning_4step_unet.safetensors, not a LoRA)")
+                          "full U-Net file (e.g. sdxl_lightning_4step_unet.safetensors, not a LoRA) or a whole "
+                          "single-file SDXL checkpoint")
 
 
 def _check_student(cfg: DictConfig) -> None:
