@@ -7,7 +7,6 @@ Only local folders and files are read; nothing reaches for a hub.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,9 +240,10 @@ def sdxl_noise_scheduler(tcfg: Any) -> DDPMScheduler:
 
 
 def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """The few-step "trailing" grid, e.g. 1000 steps, 4 -> [999, 749, 499, 249] (SDXL-Lightning/Turbo)."""
+    """The few-step "trailing" grid, e.g. 1000 steps, 4 -> [999, 749, 499, 249] (SDXL-Lightning/Turbo); rounded
+    to the nearest step as diffusers' trailing spacing does (3 steps: 999, 666, 332)."""
     stride = num_train_timesteps / steps
-    return [int(math.floor(num_train_timesteps - i * stride)) - 1 for i in range(steps)]
+    return [round(num_train_timesteps - i * stride) - 1 for i in range(steps)]
 
 
 def sample_timesteps(tcfg: Any, batch: int, *, device: torch.device | str, generator: torch.Generator) -> Tensor:

@@ -78,8 +78,15 @@ def test_loss_shape_mismatch_is_an_error():
         koala_loss(x, x, x, {"a": torch.zeros(1, 3)}, {"a": torch.zeros(1, 4)})
 
 
-def test_trailing_grid():
+def test_trailing_grid_is_the_samplers():
+    """The training grid of a few-step teacher is the grid its Euler sampler visits, for any step count."""
+    from diffusers import EulerDiscreteScheduler
+
     assert trailing_timesteps(1000, 4) == [999, 749, 499, 249]
+    euler = EulerDiscreteScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+    for steps in range(1, 13):
+        euler.set_timesteps(steps)
+        assert trailing_timesteps(1000, steps) == [int(t) for t in euler.timesteps], steps
 
 
 def test_hooks_that_do_not_fire_are_an_error(teacher, tiny_unets):
