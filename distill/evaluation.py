@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
 from distill.metrics import ClipScorer, ImageTextScorer, latent_mse, psnr, ssim
@@ -97,7 +98,8 @@ def _mean(x: torch.Tensor) -> float:
 def _model_summary(loaded: LoadedSource, gen: Generation, scheduler_spacing: str | None) -> dict[str, Any]:
     return {
         "source": str(loaded.path), "kind": loaded.kind, "family": loaded.family, "unet": loaded.unet_folder,
-        "step": loaded.step, "timestep_spacing": scheduler_spacing, "images": len(gen.images),
+        "step": loaded.step, "timestep_spacing": scheduler_spacing,
+        "prediction_type": loaded.pipe.scheduler.config.get("prediction_type"), "images": len(gen.images),
         "seconds": gen.seconds, "images_per_s": gen.images_per_s,
     }
 
@@ -134,13 +136,16 @@ def run_eval(cfg: EvalConfig, scorers: Sequence[ImageTextScorer] = (), notes: Se
     }
     files = {"student": save_images(gen_s, out / "student", grid_max=cfg.grid_max)}
     teacher_src = teacher_source_for(student, cfg.teacher)
+    student_scheduler = dict(student.pipe.scheduler.config)
     _free(student)
 
     gen_t = None
     if teacher_src is not None:
         teacher = load_source(teacher_src[0], family=student.family, device=device, dtype=dtype,
                               unet_file=teacher_src[1])
-        # The teacher runs with exactly the student's sampler, so differences come from the U-Nets alone.
+        # The teacher runs with exactly the student's sampler (schedule, spacing, and the prediction type both were
+        # trained on), so differences come from the U-Nets alone.
+        teacher.pipe.scheduler = EulerDiscreteScheduler.from_config(student_scheduler)
         gen_t = generate(teacher.pipe, prompts, resolve_settings(settings, timestep_spacing=spacing),
                          seed=cfg.seed, batch_size=cfg.batch_size, warmup_batches=cfg.warmup_batches)
         report["teacher"] = _model_summary(teacher, gen_t, teacher.pipe.scheduler.config.get("timestep_spacing"))

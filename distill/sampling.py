@@ -233,7 +233,10 @@ def load_source(
         student = UNet2DConditionModel.from_pretrained(path / unet_folder, dtype=dtype)
         pipe = StableDiffusionXLPipeline.from_pretrained(teacher_path, unet=student, dtype=dtype)
         defaults = family_settings(family)
-        pipe.scheduler = _euler(pipe.scheduler.config, defaults.timestep_spacing)
+        # the student predicts what its teacher predicts (teacher.prediction_type of the run, e.g. x0 for the
+        # 1-step Lightning U-Net), whatever the teacher folder's scheduler says
+        trained = ((meta.get("config") or {}).get("teacher") or {}).get("prediction_type")
+        pipe.scheduler = _euler(pipe.scheduler.config, defaults.timestep_spacing, trained)
         loaded = LoadedSource(pipe, "checkpoint", path, family, defaults, unet_folder,
                               step=meta.get("step"), teacher_path=teacher_path)
     elif is_pipeline(path):
@@ -254,13 +257,18 @@ def load_source(
 
 
 def load_unet_file(unet: UNet2DConditionModel, unet_file: str | Path) -> None:
-    """Replace a U-Net's weights with a single safetensors state dict (every tensor must fit)."""
-    from safetensors.torch import load_file
+    """Replace a U-Net's weights with a safetensors U-Net file: a diffusers state dict or a whole single-file SDXL
+    checkpoint (every tensor must fit)."""
+    from distill.teachers import TeacherError, read_unet_file, unet_file_mismatch
 
-    state = load_file(str(unet_file))
-    missing, unexpected = unet.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise SourceError(f"{unet_file}: {len(missing)} missing and {len(unexpected)} unexpected U-Net tensors")
+    config = dict(unet.config)
+    try:
+        problem = unet_file_mismatch(unet_file, config)
+    except TeacherError as exc:
+        raise SourceError(str(exc)) from exc
+    if problem:
+        raise SourceError(f"{unet_file} does not fit this U-Net: {problem}")
+    unet.load_state_dict(read_unet_file(unet_file, config, unet.device), strict=True)
 
 
 def teacher_source_for(student: LoadedSource, teacher: str | Path | None) -> tuple[Path, str | None] | None:
@@ -278,8 +286,10 @@ def teacher_source_for(student: LoadedSource, teacher: str | Path | None) -> tup
     return Path(meta["teacher_path"]), checkpoint_teacher_unet_file(meta)
 
 
-def _euler(config: Any, spacing: str | None) -> EulerDiscreteScheduler:
+def _euler(config: Any, spacing: str | None, prediction_type: str | None = None) -> EulerDiscreteScheduler:
     overrides = {"timestep_spacing": spacing} if spacing else {}
+    if prediction_type:
+        overrides["prediction_type"] = prediction_type
     return EulerDiscreteScheduler.from_config(config, **overrides)
 
 

@@ -118,7 +118,7 @@ def unet_file_mismatch(unet_file: str | Path, unet_config: dict[str, Any]) -> st
     return f"of its {len(have)} tensors, " + ", ".join(p for p in parts if p)
 
 
-def _read_unet_file(unet_file: str | Path, unet_config: dict[str, Any], device: torch.device | str
+def read_unet_file(unet_file: str | Path, unet_config: dict[str, Any], device: torch.device | str
                     ) -> dict[str, Tensor]:
     """The U-Net state dict in a checked teacher.unet_file, diffusers names; of an original-layout checkpoint
     only the U-Net tensors are read (its VAE and text encoders stay on disk)."""
@@ -146,7 +146,7 @@ def load_teacher_unet(
             raise TeacherError(f"teacher.unet_file={tcfg.unet_file} does not fit {path}/unet: {problem}")
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(config)
-        unet.load_state_dict(_read_unet_file(tcfg.unet_file, config, device), strict=True, assign=True)
+        unet.load_state_dict(read_unet_file(tcfg.unet_file, config, device), strict=True, assign=True)
     else:
         unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype)
     return _frozen(unet, device, dtype)

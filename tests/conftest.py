@@ -77,6 +77,17 @@ def make_tiny_checkpoint(teacher_dir: Path, folder: Path, ema: bool = True) -> P
     return folder
 
 
+def x0_checkpoint(ckpt: Path, folder: Path) -> Path:
+    """A copy of a tiny checkpoint as if trained against a teacher that predicts x0 (the 1-step Lightning U-Net)."""
+    import shutil
+
+    shutil.copytree(ckpt, folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["config"] = {"teacher": {"prediction_type": "sample"}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tiny_pipeline_dir):
     """The tiny pipeline folder under the name the sampling and eval tests use."""

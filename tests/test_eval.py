@@ -69,6 +69,17 @@ def test_teacher_against_itself_agrees_exactly(tiny_dir, tmp_path):
     assert any(n.startswith("CLIP score skipped") for n in report["notes"])
 
 
+def test_the_teacher_samples_with_the_students_prediction_type(ckpt, tmp_path):
+    """Against an x0 (1-step Lightning) teacher, `teacher=auto` runs the teacher folder's U-Net with the sampler
+    the student was trained for, not the folder's epsilon scheduler."""
+    from conftest import x0_checkpoint
+
+    cfg = EvalConfig(student=str(x0_checkpoint(ckpt, tmp_path / "x0")), teacher="auto", max_prompts=1, steps=1,
+                     height=32, width=32, batch_size=1, warmup_batches=0, device="cpu", out_dir=str(tmp_path / "e"))
+    report = run_eval(cfg)
+    assert report["student"]["prediction_type"] == report["teacher"]["prediction_type"] == "sample"
+
+
 def test_psnr_ssim_match_skimage():
     metrics = pytest.importorskip("skimage.metrics")
     g = torch.Generator().manual_seed(0)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import x0_checkpoint
 
 from distill.sampling import (
     SAMPLER_DEFAULTS,
@@ -92,6 +93,14 @@ def test_checkpoint_source_uses_ema_and_family_spacing(ckpt):
     assert load_source(ckpt, use_ema=False).unet_folder == "student"
     lightning = load_source(ckpt, family="sdxl_lightning")
     assert lightning.pipe.scheduler.config.timestep_spacing == "trailing"
+
+
+def test_a_checkpoint_samples_with_the_prediction_type_it_was_trained_on(ckpt, tmp_path):
+    """The teacher folder's scheduler says epsilon; a student trained on an x0 teacher must be sampled as x0."""
+    assert load_source(ckpt).pipe.scheduler.config.prediction_type == "epsilon"
+    x0 = load_source(x0_checkpoint(ckpt, tmp_path / "x0"))
+    assert x0.pipe.scheduler.config.prediction_type == "sample"
+    assert x0.pipe.scheduler.config.timestep_spacing == "leading"  # the rest of the sampler is unchanged
 
 
 def test_exported_folder_keeps_its_scheduler_and_sampler_file(exported, tiny_dir):

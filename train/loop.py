@@ -214,7 +214,9 @@ class Run:
             self._components = {
                 "unet": t.unet, "vae": vae, "text_encoder": encoders[0], "text_encoder_2": encoders[1],
                 "tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1],
-                "scheduler": EulerDiscreteScheduler.from_pretrained(str(t.path), subfolder="scheduler"),
+                "scheduler": EulerDiscreteScheduler.from_config(  # the teacher predicts what the run trains on
+                    EulerDiscreteScheduler.load_config(str(t.path), subfolder="scheduler"),
+                    prediction_type=self.cfg.teacher.prediction_type),
             }
         return self._components
 
