@@ -14,6 +14,7 @@ same latents. Preprocessing, caption choice and filters follow the same DataConf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -102,10 +103,19 @@ def _raw_examples(url: str, decoder: RawDecoder, seed: int, skips: Counter[str])
             skips[skip.reason] += 1
 
 
-def encode_batch(items: list, vae, tokenizers, encoders, storage: str) -> list[dict[str, Any]]:
-    """Latent samples (webdataset dicts) for a list of (position, Example) of one shape."""
+def latent_generator(seed: int, key: str) -> torch.Generator:
+    """The CPU generator of one sample's VAE posterior draw when its latents are made (seeded by its key)."""
+    digest = hashlib.sha256(f"{seed}:posterior:{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def encode_batch(items: list, vae, tokenizers, encoders, storage: str, seed: int = 0) -> list[dict[str, Any]]:
+    """Latent samples (webdataset dicts) for a list of (position, Example) of one shape. The latents are one
+    draw from the VAE posterior per sample, seeded by `seed` and the sample's key (as the pixel path draws one
+    per step)."""
     batch = collate(items)
-    latents = encode_images(vae, batch["pixel_values"]).float().cpu().numpy()
+    gens = [latent_generator(seed, ex.key) for _, ex in items]
+    latents = encode_images(vae, batch["pixel_values"], sample=True, generator=gens).float().cpu().numpy()
     prompt_embeds, pooled = encode_prompts(tokenizers, encoders, batch["captions"])
     prompt_embeds, pooled = prompt_embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
     dtype = _STORAGE[storage]
@@ -194,7 +204,7 @@ def _make_one(index, url, out, decoder, seed, batch_size, skips, models, storage
 
         def flush(items: list) -> None:
             nonlocal written
-            for sample in encode_batch(items, *models, storage):
+            for sample in encode_batch(items, *models, storage, seed):
                 writer.write(sample)
                 written += 1
 

@@ -45,11 +45,21 @@ def add_time_ids(original_size: Tensor, crop_top_left: Tensor, target_size: Tens
 
 @torch.no_grad()
 def encode_images(vae: torch.nn.Module, pixel_values: Tensor, *, sample: bool = False,
-                  generator: torch.Generator | None = None) -> Tensor:
-    """Scaled latents of images in [-1, 1]: the latent distribution's mean (or a sample) times the VAE's own
-    `scaling_factor` (after subtracting `shift_factor` where the VAE defines one)."""
+                  generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+    """Scaled latents of images in [-1, 1]: the latent distribution's mean, or with `sample` a draw from it (as
+    SDXL training does: mean + std x N(0, 1)), times the VAE's own `scaling_factor` (after subtracting
+    `shift_factor` where the VAE defines one). generator: one for the batch, or one per image; the normal draw
+    is made on the generator's device, so a seeded draw does not depend on where the VAE runs."""
     dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    z = dist.sample(generator) if sample else dist.mean
+    z = dist.mean
+    if sample:
+        if isinstance(generator, list):
+            eps = torch.stack([torch.randn(z.shape[1:], generator=g, device=g.device) for g in generator])
+        elif generator is not None:
+            eps = torch.randn(z.shape, generator=generator, device=generator.device)
+        else:
+            eps = torch.randn(z.shape, device=z.device)
+        z = z + dist.std * eps.to(z)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (z - shift) * vae.config.scaling_factor
 

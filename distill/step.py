@@ -56,7 +56,8 @@ def prepare_inputs(
     else:
         if teacher.vae is None or not teacher.text_encoders:
             raise ValueError("a raw batch needs the teacher's VAE and text encoders (data.kind=raw loads them)")
-        latents = encode_images(teacher.vae, batch["pixel_values"].to(device)).float()
+        latents = encode_images(teacher.vae, batch["pixel_values"].to(device), sample=True,
+                                generator=generator).float()  # a posterior sample, as SDXL training draws
         captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist(), strict=True)]
         prompt, pooled = encode_prompts(teacher.tokenizers, teacher.text_encoders, captions)
         prompt, pooled = prompt.float(), pooled.float()

@@ -14,7 +14,7 @@ import webdataset as wds
 
 from data.config import DataConfig
 from data.decode import RawDecoder
-from data.latents import load_encoders, make_latents, native_resolution, sample_rng
+from data.latents import latent_generator, load_encoders, make_latents, native_resolution, sample_rng
 from data.stream import build_loader, collate
 from data.synthetic import write_synthetic_shards
 from distill.conditioning import encode_images, encode_prompts
@@ -57,7 +57,9 @@ def test_latents_equal_the_vae_encoding_of_the_same_crop(tiny_pipeline_dir, raw_
         assert meta["original_size"] == list(example.original_size)
         assert meta["target_size"] == [RES, RES]
         corners.add(tuple(meta["crop_top_left"]))
-        expected = encode_images(vae, collate([((0, 0, 0), example)])["pixel_values"])[0]
+        pixels = collate([((0, 0, 0), example)])["pixel_values"]
+        expected = encode_images(vae, pixels, sample=True, generator=[latent_generator(SEED, key)])[0]
+        assert not torch.allclose(expected, encode_images(vae, pixels)[0])  # a posterior draw, not the mean
         stored = torch.from_numpy(_npy(sample["latents.npy"]))
         assert stored.shape == expected.shape == (4, RES // 2, RES // 2)
         torch.testing.assert_close(stored, expected, rtol=1e-5, atol=1e-5)

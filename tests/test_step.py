@@ -78,6 +78,32 @@ def test_loss_shape_mismatch_is_an_error():
         koala_loss(x, x, x, {"a": torch.zeros(1, 3)}, {"a": torch.zeros(1, 4)})
 
 
+def test_raw_batches_train_on_a_seeded_posterior_sample(teacher):
+    """The pixel path draws z = mean + std x eps from the VAE posterior with the step's generator (as SDXL
+    training does), so a step is reproducible from its generator and no two steps see the same latents."""
+    from distill.conditioning import encode_images
+    from distill.step import prepare_inputs
+
+    _, bundle = teacher
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batch = {"pixel_values": pixels, "captions": ["a red car", "a cat"], "original_size": torch.tensor([[64, 64]] * 2),
+             "crop_top_left": torch.zeros(2, 2, dtype=torch.long), "target_size": torch.tensor([[64, 64]] * 2)}
+
+    def latents(seed: int) -> torch.Tensor:
+        return prepare_inputs(batch, bundle, device=torch.device("cpu"),
+                              generator=torch.Generator().manual_seed(seed)).latents
+
+    a, b = latents(1), latents(2)
+    torch.testing.assert_close(latents(1), a)
+    assert not torch.allclose(a, b)
+    posterior = bundle.vae.encode(pixels).latent_dist
+    g = torch.Generator().manual_seed(1)
+    torch.rand(2, generator=g)  # the caption-dropout draw comes first
+    expected = (posterior.mean + posterior.std * torch.randn(a.shape, generator=g)) * bundle.vae.config.scaling_factor
+    torch.testing.assert_close(a, expected)
+    assert not torch.allclose(a, encode_images(bundle.vae, pixels))  # not the posterior mean
+
+
 def test_trailing_grid_is_the_samplers():
     """The training grid of a few-step teacher is the grid its Euler sampler visits, for any step count."""
     from diffusers import EulerDiscreteScheduler
