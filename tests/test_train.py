@@ -397,3 +397,39 @@ def test_an_export_that_cannot_be_written_is_one_line_and_the_resume_exports(
     saved = UNet2DConditionModel.from_pretrained(out / "export" / "unet").state_dict()
     trained = load_file(out / "checkpoints" / "step_000000002" / "student" / "diffusion_pytorch_model.safetensors")
     assert saved.keys() == trained.keys() and all(torch.equal(saved[k], v) for k, v in trained.items())
+
+
+def test_fp16_loss_scaling_survives_an_overflowing_step(fresh_accelerate):
+    """Under fp16 the GradScaler must see the overflowing step: it skips the update and halves its scale (counted
+    as one non-finite step), and the next step updates as usual. Before, the skipped scaler.update() made the
+    next step's unscale_ raise. Accelerate builds a GradScaler only on a GPU, so a CPU one stands in."""
+    from accelerate import Accelerator
+    from omegaconf import OmegaConf
+
+    from train.loop import Run, TrainState, train_one_step
+
+    acc = Accelerator(cpu=True, mixed_precision="fp16")
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**16), True
+    model = acc.prepare(torch.nn.Linear(4, 1))
+    opt = acc.prepare(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    scales = iter([1e36, 1.0, 1.0])  # the first step's gradient overflows, as fp16's first steps often do
+
+    def distiller(batch, gen):
+        loss = (model(batch["x"]) * next(scales)).pow(2).mean()
+        return {"total": loss, "kd": loss}
+
+    cfg = OmegaConf.create({"train": {"seed": 0, "max_grad_norm": 1.0, "global_batch_size": 2,
+                                      "mixed_precision": "fp16", "log_every": 10, "max_steps": 3,
+                                      "checkpoint_every": 0}})
+    run = Run(cfg=cfg, accelerator=acc, teacher=None, student=model, distiller=distiller, optimizer=opt,
+              lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lambda s: 1.0), loader=None,
+              state=TrainState(), output_dir=None, accum=1, callbacks=[Callback()])
+    run.loader_iter = iter([{"x": torch.randn(2, 4), "keys": []} for _ in range(3)])
+    before = model.weight.detach().clone()
+    train_one_step(run)
+    assert torch.equal(model.weight, before)  # the update was skipped ...
+    assert (run.state.nonfinite_total, run.state.nonfinite_run, acc.scaler.get_scale()) == (1, 1, 2.0**15)
+    for _ in range(2):
+        train_one_step(run)  # ... and the next steps update
+    assert not torch.equal(model.weight, before)
+    assert (run.state.step, run.state.nonfinite_total, run.state.nonfinite_run) == (3, 1, 0)

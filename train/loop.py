@@ -645,7 +645,9 @@ def train_one_step(run: Run) -> dict[str, torch.Tensor]:
                 # The norm is of the all-reduced gradient, so every rank takes the same decision.
                 if skip is not None and norm is not None:  # the fused kernel skips a non-finite update itself
                     skip.step(getattr(run.optimizer, "optimizer", run.optimizer), norm, run.optimizer.step)
-                elif norm is None or bool(torch.isfinite(norm)):  # host sync
+                elif norm is None or acc.scaler is not None or bool(torch.isfinite(norm)):  # host sync
+                    # fp16: the GradScaler must see every step; it skips a non-finite update itself (counted
+                    # below through step_was_skipped) and lowers its scale, or the next unscale_ would raise
                     run.optimizer.step()
                     applied = True
                 run.optimizer.zero_grad(set_to_none=True)
@@ -657,7 +659,7 @@ def train_one_step(run: Run) -> dict[str, torch.Tensor]:
             st.nonfinite_run = 0
             for cb in run.callbacks:
                 cb.on_update(run)
-        elif not applied:
+        else:  # not applied: a non-finite norm; or the GradScaler (fp16) or DeepSpeed skipped the update
             st.nonfinite_total += 1
             st.nonfinite_run += 1
     run.lr_scheduler.step()
