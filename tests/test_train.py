@@ -433,3 +433,21 @@ def test_fp16_loss_scaling_survives_an_overflowing_step(fresh_accelerate):
         train_one_step(run)  # ... and the next steps update
     assert not torch.equal(model.weight, before)
     assert (run.state.step, run.state.nonfinite_total, run.state.nonfinite_run) == (3, 1, 0)
+
+
+def test_a_restored_ema_lives_on_the_students_device():
+    """Accelerate restores registered objects from CPU tensors; the average must go back beside the student (on a
+    GPU the next EMA step would mix devices). The meta device stands in for the GPU here."""
+    from train.callbacks import EMA
+
+    def linear() -> torch.nn.Module:
+        module = torch.nn.Linear(3, 2)
+        module.config = {}  # EMAModel keeps the model's config for save_pretrained
+        return module
+
+    saved = EMA(linear(), decay=0.5)
+    with torch.device("meta"):
+        ema = EMA(linear(), decay=0.5)
+    ema.load_state_dict(saved.state_dict())  # CPU tensors, as Accelerate's load_state hands them over
+    assert {p.device.type for p in ema.model.shadow_params} == {"meta"}
+    assert ema.model.decay == 0.5 and len(ema.model.shadow_params) == 2

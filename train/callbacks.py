@@ -51,7 +51,10 @@ class EMA(Callback):
         return self.model.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the average beside the student: Accelerate loads it to the CPU, and EMAModel keeps the tensors it
+        is given, so the next step would mix a CPU average with GPU weights."""
         self.model.load_state_dict(state)
+        self.model.to(device=self._params[0].device)
 
     def copy_to(self, module: torch.nn.Module) -> None:
         """Write the averaged weights into `module`."""
