@@ -104,6 +104,17 @@ def test_resume_restores_everything_and_matches_an_uninterrupted_run(tmp_path, d
     for a, b in zip(resumed["exp_avg"], full["exp_avg"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
+    # A rollback: the full run resumed from its step 4. Its step-8 checkpoint is set aside, not resumed from
+    # by `latest` and not pruned in place of the new ones.
+    from train.checkpoint import list_checkpoints
+
+    step4 = tmp_path / "full" / "checkpoints" / "step_000000004"
+    run_cfg(tiny_cfg(tmp_path / "full", demo_shards, tiny_pipeline_dir, *common, "train.max_steps=6",
+                     "train.keep_last=1", f"train.resume={step4}"))
+    assert [p.name for p in list_checkpoints(tmp_path / "full")] == ["step_000000006"]
+    aside = tmp_path / "full" / "checkpoints" / "abandoned_after_step_000000004"
+    assert (aside / "step_000000008" / "meta.json").is_file()
+
 
 def test_resume_with_8bit_adam_matches_an_uninterrupted_run(tmp_path, demo_shards, tiny_pipeline_dir):
     """The low-memory profile's optimizer: bitsandbytes' uint8 moments and scales go through the checkpoint."""

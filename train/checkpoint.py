@@ -58,6 +58,24 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
+def set_aside_later(output_dir: str | Path, step: int) -> Path | None:
+    """A run resumed at `step` (a rollback, e.g. after a loss spike) moves this run's later checkpoints into
+    checkpoints/abandoned_after_<step>[_k]/, where `latest` and pruning do not see them and nothing is lost;
+    returns that folder, or None when there were none (main process only)."""
+    later = [p for p in list_checkpoints(output_dir) if int(CKPT_RE.match(p.name)[1]) > step]  # type: ignore[index]
+    if not later:
+        return None
+    base = checkpoint_root(output_dir) / f"abandoned_after_{checkpoint_name(step)}"
+    aside, k = base, 1
+    while aside.exists():
+        k += 1
+        aside = base.with_name(f"{base.name}_{k}")
+    aside.mkdir()
+    for p in later:
+        p.rename(aside / p.name)
+    return aside
+
+
 def temp_dir(output_dir: str | Path, step: int) -> Path:
     """The folder a checkpoint is written into before it is renamed."""
     return checkpoint_root(output_dir) / f".tmp-{checkpoint_name(step)}"
@@ -81,7 +99,8 @@ def finalize(output_dir: str | Path, step: int, meta: dict[str, Any], keep_last:
     tmp.rename(final)
     if keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:  # never the one just written
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 

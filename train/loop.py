@@ -405,6 +405,12 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
         accelerator.load_state(str(resume_from))
         data_state = _resume_data_state(cfg, resume_from, accelerator.process_index, world, say)
         say(f"resumed from {resume_from} at step {state.step} ({state.samples_seen} samples seen)")
+        if main:
+            aside = ckpt.set_aside_later(output_dir, state.step)
+            if aside is not None:
+                say(f"this run's checkpoints after step {state.step} belong to the abandoned continuation: moved "
+                    f"to {aside} (kept; not resumed from or pruned)")
+        accelerator.wait_for_everyone()
     loader = build_loader(cfg.data, batch_size=tr.micro_batch_size, rank=accelerator.process_index,
                           world_size=world, seed=tr.seed, state=data_state)
 
