@@ -122,30 +122,46 @@ def test_two_ranks_agree_consume_disjoint_samples_and_share_the_lr_schedule(tmp_
     assert lr_two == lr_one and len(set(lr_one)) > 1  # warmup + cosine, identical per optimizer step
 
 
-WAIT_AT_BARRIER = """
+TWO_RANKS = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
 import torch.distributed as dist
-from train.loop import _process_group
+from train.loop import Run, _process_group
 _process_group(float(sys.argv[1]))
-if dist.get_rank() == 1:
+rank = dist.get_rank()
+
+
+class Loader:  # rank 0 met 5 bad images, rank 1 met 6 and a truncated tar
+    def skip_counts(self):
+        return {"bad_image": 5} if rank == 0 else {"bad_image": 6, "tar_error": 1}
+
+
+run = Run.__new__(Run)
+run.loader = Loader()
+print(f"rank {rank} skips {run.skip_counts_all_ranks()}", flush=True)
+if rank == 1:
     time.sleep(9)  # rank 1 is slow (a long checkpoint write); rank 0 waits for it
 t0 = time.time()
 try:
     dist.barrier()
-    print(f"rank {dist.get_rank()} passed")
+    print(f"rank {rank} passed")
 except RuntimeError as err:
-    print(f"rank {dist.get_rank()} gave up after {time.time() - t0:.1f} s: {str(err)[:200]}")
+    print(f"rank {rank} gave up after {time.time() - t0:.1f} s: {str(err)[:200]}")
 """
 
 
-def test_train_collective_timeout_min_bounds_the_wait_at_a_barrier(tmp_path):
-    script = tmp_path / "wait.py"
-    script.write_text(WAIT_AT_BARRIER)
+def test_two_ranks_sum_their_skip_counts_and_give_up_waiting_after_the_collective_timeout(tmp_path):
+    """Logged skip counts are every rank's, not only the logger's; and train.collective_timeout_min (here 0.05,
+    3 s) bounds how long a rank waits at a barrier for a slow one."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
     _, out, err = _finish(_start(["0.05", str(ROOT)], nproc=2, script=str(script)), timeout=120)
-    line = next((x for x in out.splitlines() if x.startswith("rank 0")), err[-2000:])
+    lines = sorted(out.splitlines())
+    assert "rank 0 skips {'bad_image': 11, 'tar_error': 1}" in lines, err[-2000:]
+    assert "rank 1 skips {'bad_image': 11, 'tar_error': 1}" in lines
+    line = next((x for x in lines if x.startswith("rank 0 gave up") or x == "rank 0 passed"), err[-2000:])
     given_up = re.fullmatch(r"rank 0 gave up after ([\d.]+) s: .*", line)
-    assert given_up, line  # 3 s of timeout: rank 0 stops waiting long before rank 1 arrives
+    assert given_up, line  # rank 0 stops waiting long before rank 1 arrives
     assert 2.5 < float(given_up.group(1)) < 7
 
 

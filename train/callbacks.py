@@ -107,7 +107,7 @@ class ScalarLogger(Callback):
         logs["nonfinite_skipped"] = run.state.nonfinite_total
         if torch.cuda.is_available():
             logs["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        for reason, n in run.skip_counts().items():
+        for reason, n in run.skip_counts_all_ranks().items():  # every rank's skips, not only the logger's
             logs[f"data/skipped_{reason}"] = n
         run.accelerator.log(logs, step=run.state.step)
         self.last = logs

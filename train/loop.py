@@ -15,6 +15,7 @@ import os
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -194,8 +195,15 @@ class Run:
             yield self.unwrapped
 
     def skip_counts(self) -> dict[str, int]:
+        """This rank's skipped samples per reason."""
         counts = getattr(self.loader, "skip_counts", None)
         return dict(counts()) if callable(counts) else {}
+
+    def skip_counts_all_ranks(self) -> dict[str, int]:
+        """Skipped samples per reason, summed over every rank (a collective: every rank must call it)."""
+        from accelerate.utils import gather_object
+
+        return sum_counts(gather_object([self.skip_counts()]))
 
     def teacher_components(self) -> dict[str, Any]:
         """Teacher pipeline parts for previews. The VAE and text encoders that training does not use (the latent
@@ -253,6 +261,14 @@ def _wandb_mode(mode: str) -> str:
         return "online"
     netrc = Path.home() / ".netrc"
     return "online" if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore") else "offline"
+
+
+def sum_counts(per_rank: list[dict[str, int]]) -> dict[str, int]:
+    """Per-reason counts of several ranks added up, by reason name."""
+    total: Counter[str] = Counter()
+    for counts in per_rank:
+        total.update(counts)
+    return dict(sorted(total.items()))
 
 
 def _process_group(timeout_min: float) -> tuple[bool, int]:
@@ -713,7 +729,8 @@ def train(run: Run) -> dict[str, Any]:
     finally:
         run.stop.uninstall()
     summary: dict[str, Any] = {"steps": st.step, "preempted": preempted,
-                               "seconds": round(time.perf_counter() - t0, 1)}
+                               "seconds": round(time.perf_counter() - t0, 1),
+                               "data_skipped": run.skip_counts_all_ranks()}  # every rank
     if not preempted:
         for cb in run.callbacks:
             cb.on_end(run)
