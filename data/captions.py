@@ -75,7 +75,7 @@ def choose_caption(
 
     Without synCap: the first non-empty field of `caption_fields`. With synCap (KOALA): the alt text (first of
     `alt_text_fields`) followed by the generated caption (first of `caption_fields` that is not an alt-text
-    field), joined by one space; either alone when the other is missing.
+    field), joined by one space; either alone when the other is missing or when both hold the same text.
     """
     if not syncap:
         caption = first_field(meta, txt, caption_fields)
@@ -83,6 +83,8 @@ def choose_caption(
         alt_fields = list(alt_text_fields or [])
         alt = first_field(meta, txt, alt_fields)
         generated = first_field(meta, txt, [f for f in caption_fields if f not in alt_fields])
+        if alt and generated and alt.strip() == generated.strip():  # img2dataset writes one caption to both
+            generated = None  # the json "caption" and the .txt file: not a generated caption to append
         caption = " ".join(part for part in (alt, generated) if part) or None
     if caption is None:
         raise SkipSample("no_caption", f"none of {caption_fields} is a non-empty string")

@@ -50,6 +50,9 @@ def test_syncap_appends_the_generated_caption_to_the_alt_text():
     assert choose_caption(img2dataset, None, FIELDS, syncap=True, alt_text_fields=ALT) == "alt words generated words"
     assert choose_caption({"llava_caption": "gen"}, None, FIELDS, syncap=True, alt_text_fields=ALT) == "gen"
     assert choose_caption({"alt_txt": "alt"}, None, FIELDS, syncap=True, alt_text_fields=ALT) == "alt"
+    # img2dataset output: the same caption in the json and the .txt file is not said twice
+    assert choose_caption({"caption": "a red car"}, "a red car\n", FIELDS, syncap=True,
+                          alt_text_fields=ALT) == "a red car"
     # the demo layout: rich caption in "caption" and the txt file, short alt text in "alt_txt"
     demo = {"caption": "rich", "alt_txt": "short"}
     assert choose_caption(demo, "rich", FIELDS) == "rich"
