@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -48,8 +49,17 @@ def test_export_errors_are_one_line(ckpt, tiny_pipeline_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     cases.append((["--checkpoint", str(ckpt), "--out", str(tmp_path / "file" / "export")], 5,
                   "could not be written: Not a directory"))
+    # the export replaces --out whole: never a run folder holding the checkpoint, nor a folder of other files
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    mine = tmp_path / "run" / "checkpoints" / "step_000000007"
+    shutil.copytree(ckpt, mine)
+    cases += [(["--checkpoint", str(mine), "--out", str(tmp_path / "run")], 2, "would replace the checkpoint"),
+              (["--checkpoint", str(mine), "--out", str(mine)], 2, "would replace the checkpoint"),
+              (["--checkpoint", str(ckpt), "--out", str(tmp_path / "notes")], 2, "holds other files")]
     for argv, code, needle in cases:
         assert script.main(argv) == code, argv
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (mine / "meta.json").is_file()

@@ -101,10 +101,26 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, weights: str
         from train.config import load_config
 
         tcfg = load_config([f"teacher={meta['teacher_name']}"]).teacher
+    _check_target(Path(out_dir), ckpt, teacher)
     student = _load_unet(ckpt / folder, DTYPES[dtype])
     out = export_pipeline(teacher, tcfg, student, out_dir)
     return {"export_dir": str(out), "checkpoint": str(ckpt), "step": meta.get("step"), "weights": folder,
             "dtype": dtype, "teacher": tcfg.name, "unet_params": sum(p.numel() for p in student.parameters())}
+
+
+def _check_target(out: Path, ckpt: Path, teacher: Path) -> None:
+    """The export replaces `out` whole: only a new or empty folder or an earlier export may be replaced, never a
+    folder holding (or held by) the checkpoint or the teacher, such as the run folder itself."""
+    target = out.resolve()
+    for name, kept in (("the checkpoint", ckpt.resolve()), ("the teacher folder", teacher.resolve())):
+        if target == kept or target in kept.parents or kept in target.parents:
+            raise ExportError(f"--out {out} would replace {name} {kept}: give a new folder")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file: give a new folder")
+    earlier_export = (out / "model_index.json").is_file() and (out / "koala_sampler.json").is_file()
+    if out.is_dir() and any(out.iterdir()) and not earlier_export:
+        raise ExportError(f"--out {out} holds other files and would be replaced whole: give a new or empty folder "
+                          "(an earlier export there is replaced)")
 
 
 def _load_unet(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
