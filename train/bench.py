@@ -300,6 +300,8 @@ def measure(cfg: Any, bc: BenchConfig, profile: str, flops: tuple[int, int], log
     from train.loop import reset_accelerate, setup, train_one_step
 
     reset_accelerate()
+    if torch.cuda.is_available():  # the peak of this profile only, not of one measured before it in the process
+        torch.cuda.reset_peak_memory_stats()
     t_setup = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # set-up's tables go to stderr: stdout carries the JSON only
         run = setup(cfg, show_progress=False)
