@@ -61,6 +61,9 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     (["data.resolution=128"], "set teacher.resolution=128 instead"),
     ([f"train.output_dir={CONF_DIR}/config.yaml/run"], "config.yaml is a file, not a folder"),
     (["train.ema_decay=1.5"], "train.ema_decay=1.5 must be in [0, 1)"),  # the average would diverge
+    (["train.checkpointing_blocks=[UP-9]"], "this student has no stage 'UP-9'"),
+    (["student=custom", "student.layers_per_block=[1,1,1]", "student.transformer_layers_per_block=[1,1,2]",
+      "student.mid_block=false", "train.checkpointing_blocks=[Mid]"], "this student has no stage 'Mid'"),
     (["train.lr=-1"], "train.lr=-1.0 must be positive"),
     (["distill.caption_dropout=1.5"], "distill.caption_dropout=1.5 must be a probability in [0, 1]"),
     (["distill.w_feat=-1"], "distill.w_feat=-1.0 must be 0 or more"),  # would push the features apart

@@ -502,6 +502,13 @@ def _check_student(cfg: DictConfig) -> None:
     s = cfg.student
     try:
         spec = resolve_spec(s.name, s.layers_per_block, s.transformer_layers_per_block, s.mid_block)
-        derive_student_config(teacher_unet_config(cfg.teacher), spec)
+        student = derive_student_config(teacher_unet_config(cfg.teacher), spec)
     except StudentSpecError as exc:
         raise ConfigError(f"student: {exc}") from exc
+    n = len(student["down_block_types"])
+    stages = [f"DW-{i}" for i in range(1, n + 1)] + (["Mid"] if student.get("mid_block_type") else [])
+    stages += [f"UP-{i}" for i in range(1, n + 1)]
+    for stage in cfg.train.checkpointing_blocks:
+        if stage not in stages:
+            raise ConfigError(f"train.checkpointing_blocks: this student has no stage {stage!r} (it has "
+                              f"{', '.join(stages)})")
