@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 
 from data.bench import run_bench, write_bench_shards
+from scripts import cli
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,6 +23,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=12, help="batches timed per setting")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time")
     args = parser.parse_args(argv)
+    for name in ("resolution", "batch_size", "batches"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if min(args.workers) < 0:
+        parser.error("--workers must be 0 or more")
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or tmp
         if not args.shards:
@@ -29,5 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(result), flush=True)
 
 
+def entry(argv: list[str] | None = None) -> int:
+    """main() with one-line errors for bad paths and arguments (exit code 2)."""
+    return cli(main, argv, errors=(FileNotFoundError, ValueError))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def entry(argv: list[str] | None = None) -> int:
     """main() with one-line errors for bad paths and arguments (exit code 2)."""
-    return cli(main, argv, errors=(FileNotFoundError, ValueError))
+    return cli(main, argv, errors=(FileNotFoundError, FileExistsError, NotADirectoryError, ValueError))
 
 
 if __name__ == "__main__":

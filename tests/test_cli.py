@@ -20,6 +20,8 @@ import pytest
      "shards do not exist"),
     ("eval", ["student={tiny}", "steps=0"], "steps must be at least 1, not 0"),
     ("eval", ["student={tiny}", "height=30"], "height must be a positive multiple of 8 px"),
+    ("bench_data", ["--shards", "{tmp}/nope"], "shards do not exist"),
+    ("prep_data", ["--src", "{tmp}", "--out", "{tiny}/vae/config.json"], "File exists"),  # --out is a file
 ])
 def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tiny_pipeline_dir, capsys):
     module = importlib.import_module(f"scripts.{script}")
@@ -36,6 +38,7 @@ def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tin
     ("sample", ["--source", "{tiny}", "--prompt", "a", "--steps", "0"], "steps must be at least 1"),
     ("bench_infer", ["--unet", "koala_1b={tmp}/nope"], "--unet koala_1b={tmp}/nope is not a local folder"),
     ("bench_infer", ["--vae", "{tmp}/nope"], "--vae {tmp}/nope is not a local folder"),
+    ("bench_data", ["--batches", "0"], "--batches must be at least 1"),
 ])
 def test_bad_arguments_stop_before_any_model_with_argparse_usage(script, argv, needle, tmp_path, tiny_pipeline_dir,
                                                                  capsys):
