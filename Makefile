@@ -64,7 +64,7 @@ export: $(STAMP)  ## make export CKPT=runs/x/checkpoints/step_N OUT=exports/x [A
 sample: $(STAMP) tiny  ## images + grid, e.g. ARGS="--source runs/demo/export --prompts smoke"
 	$(PY) scripts/sample.py $(or $(ARGS),--source outputs/tiny_sdxl --prompts smoke --out outputs/samples)
 
-eval: $(STAMP) tiny  ## e.g. ARGS="student=runs/demo/export teacher=auto prompts=eval clip_model=/models/clip"
+eval: $(STAMP) tiny  ## e.g. ARGS="student=runs/demo/export teacher=outputs/tiny_sdxl prompts=eval clip_model=/models/clip" (teacher=auto needs a checkpoint student)
 	WANDB_MODE=$(or $(WANDB_MODE),offline) $(PY) scripts/eval.py \
 		$(or $(ARGS),student=outputs/tiny_sdxl teacher=outputs/tiny_sdxl prompts=smoke out_dir=outputs/eval)
 
