@@ -219,11 +219,11 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     for stage in cfg.distill.lf_stages:
         if not re.fullmatch(r"(DW|UP)-\d+|Mid", stage):
             raise ConfigError(f"distill.lf_stages: {stage!r} is not a stage name like DW-1, Mid or UP-3")
-    _check_student(cfg)
     tr = cfg.train
     for stage in tr.checkpointing_blocks:
         if not re.fullmatch(r"(DW|UP)-\d+|Mid", stage):
             raise ConfigError(f"train.checkpointing_blocks: {stage!r} is not a stage name like DW-1, Mid or UP-3")
+    _check_student(cfg)
     if tr.micro_batch_size < 1 or tr.global_batch_size < 1:
         raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size} and train.global_batch_size="
                           f"{tr.global_batch_size}: both are images and must be at least 1")
