@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,14 +54,20 @@ def layer_indices(teacher_depth: int, student_depth: int, how: str) -> list[int]
     raise ValueError(f"unknown layer map {how!r}")
 
 
+def stage_names(unet_config: Any) -> list[str]:
+    """The KOALA stage names of a U-Net config, no model needed: DW-1.., Mid (when it has a mid block), UP-1.."""
+    n = len(unet_config["down_block_types"])
+    mid = ["Mid"] if unet_config.get("mid_block_type") else []
+    return [f"DW-{i}" for i in range(1, n + 1)] + mid + [f"UP-{i}" for i in range(1, n + 1)]
+
+
 def _stages(unet: torch.nn.Module) -> Iterator[tuple[str, str, torch.nn.Module]]:
     """(KOALA stage name, module path, block) for every stage: DW-1.., Mid, UP-1.."""
-    for i, block in enumerate(unet.down_blocks):
-        yield f"DW-{i + 1}", f"down_blocks.{i}", block
-    if unet.mid_block is not None:
-        yield "Mid", "mid_block", unet.mid_block
-    for i, block in enumerate(unet.up_blocks):
-        yield f"UP-{i + 1}", f"up_blocks.{i}", block
+    blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    blocks += [("mid_block", unet.mid_block)] if unet.mid_block is not None else []
+    blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    for name, (path, block) in zip(stage_names(unet.config), blocks, strict=True):
+        yield name, path, block
 
 
 def _source_index(stage: str, j: int, n_student: int, n_teacher: int) -> int:

@@ -496,6 +496,7 @@ def _check_unet_file(t: DictConfig) -> None:
 
 
 def _check_student(cfg: DictConfig) -> None:
+    from distill.features import stage_names
     from distill.students import StudentSpecError, derive_student_config, resolve_spec
     from distill.teachers import teacher_unet_config
 
@@ -505,9 +506,7 @@ def _check_student(cfg: DictConfig) -> None:
         student = derive_student_config(teacher_unet_config(cfg.teacher), spec)
     except StudentSpecError as exc:
         raise ConfigError(f"student: {exc}") from exc
-    n = len(student["down_block_types"])
-    stages = [f"DW-{i}" for i in range(1, n + 1)] + (["Mid"] if student.get("mid_block_type") else [])
-    stages += [f"UP-{i}" for i in range(1, n + 1)]
+    stages = stage_names(student)
     for stage in cfg.train.checkpointing_blocks:
         if stage not in stages:
             raise ConfigError(f"train.checkpointing_blocks: this student has no stage {stage!r} (it has "
