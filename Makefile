@@ -10,11 +10,12 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help venv test test-fast lint demo demo-data tiny inspect data latents export sample eval \
+.PHONY: help venv test test-fast lint demo demo-data tiny inspect train data latents export sample eval \
         bench-data bench-train bench-infer plan-memory clean
 
 help:
-	@echo "make demo | test | test-fast | lint | inspect | tiny | demo-data | data SRC=.. OUT=.. | latents |"
+	@echo "make demo | test | test-fast | lint | inspect | train ARGS=.. [GPUS=N LAUNCH=..] | tiny | demo-data |"
+	@echo "     data SRC=.. OUT=.. | latents |"
 	@echo "     export CKPT=.. OUT=.. | sample | eval | bench-data | bench-train | bench-infer | plan-memory | clean"
 
 $(STAMP): pyproject.toml
@@ -45,8 +46,16 @@ demo-data: $(STAMP)  ## scikit-image photos with written captions -> outputs/dem
 	$(PY) scripts/make_demo_data.py --out outputs/demo_data
 
 demo: $(STAMP) demo-data tiny  ## distill the tiny student on the CPU, export it, print one JSON line
-	WANDB_MODE=offline $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+	@$(PY) train/main.py --check +experiment=demo $(ARGS)
+	WANDB_MODE=offline $(VENV)/bin/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no train/main.py +experiment=demo $(ARGS)
+
+# The config is checked once before `accelerate launch` (one line on error): the launcher would follow a failed
+# rank's line with its own traceback. GPUS=N sets the process count for both; LAUNCH adds launcher flags.
+train: $(STAMP)  ## make train ARGS="+experiment=koala_1b teacher.path=.. data.shards=.." [GPUS=8] [LAUNCH="--config_file conf/accelerate/deepspeed_zero2.yaml"]
+	@test -n "$(ARGS)" || { echo "usage: make train ARGS=\"+experiment=... key=value ...\" [GPUS=N] [LAUNCH=...]"; exit 2; }
+	@WORLD_SIZE=$(or $(GPUS),1) $(PY) train/main.py --check $(ARGS)
+	$(VENV)/bin/accelerate launch --quiet $(if $(GPUS),--num_processes $(GPUS)) $(LAUNCH) train/main.py $(ARGS)
 
 data: $(STAMP)  ## make data SRC=images/|manifest.parquet|img2dataset_out/ OUT=shards/ [ARGS="--min-side 1024"]
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make data SRC=... OUT=... [ARGS=...]"; exit 2; }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -74,13 +75,43 @@ class EvalConfig:
                        batch_size=self.batch_size)
 
 
+def clip_folder_problem(path: str | None) -> str | None:
+    """None when `path` looks like a loadable CLIP folder, else the one-line note saying why CLIP score is skipped.
+
+    Read from the folder's files alone (no weights), so that run_eval can say it before sampling for minutes."""
+    if not path:
+        return CLIP_HINT
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"CLIP score skipped: eval.clip_model={path} is not a folder. " + CLIP_HINT
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != "clip":
+        return (f"CLIP score skipped: eval.clip_model={path} has no config.json of a CLIPModel (model_type "
+                f"{model_type!r}). " + CLIP_HINT)
+    if not _has_any(folder, "preprocessor_config.json", "processor_config.json") or not _has_any(
+            folder, "tokenizer.json", "vocab.json"):
+        return (f"CLIP score skipped: eval.clip_model={path} has no processor (preprocessor_config.json or "
+                "processor_config.json, and a tokenizer). " + CLIP_HINT)
+    return None
+
+
+def _has_any(folder: Path, *names: str) -> bool:
+    return any((folder / n).is_file() for n in names)
+
+
 def build_clip_scorer(cfg: EvalConfig, device: torch.device) -> tuple[ClipScorer | None, str | None]:
-    """The CLIP scorer when cfg.clip_model exists on disk, else (None, one line saying how to provide it)."""
-    if not cfg.clip_model:
-        return None, CLIP_HINT
-    if not Path(cfg.clip_model).is_dir():
-        return None, f"CLIP score skipped: eval.clip_model={cfg.clip_model} is not a folder. " + CLIP_HINT
-    return ClipScorer(cfg.clip_model, device=device), None
+    """The CLIP scorer when cfg.clip_model is a loadable CLIP folder, else (None, one line saying why not)."""
+    problem = clip_folder_problem(cfg.clip_model)
+    if problem:
+        return None, problem
+    try:
+        return ClipScorer(cfg.clip_model, device=device), None
+    except Exception as exc:  # missing or corrupt weights (safetensors raises its own type): keep the sampled images
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None, f"CLIP score skipped: eval.clip_model={cfg.clip_model} did not load ({first}). " + CLIP_HINT
 
 
 def _free(loaded: LoadedSource) -> None:
@@ -122,6 +153,9 @@ def run_eval(cfg: EvalConfig, scorers: Sequence[ImageTextScorer] = (), notes: Se
     dtype = DTYPES[cfg.dtype]
     prompts = read_prompts(cfg.prompts, cfg.max_prompts)
     notes = list(notes)
+    clip_problem = clip_folder_problem(cfg.clip_model)
+    if clip_problem and cfg.clip_model:  # said now, not after minutes of sampling
+        logging.getLogger(__name__).warning(clip_problem)
 
     student = load_source(cfg.student, family=cfg.family, use_ema=cfg.use_ema, device=device, dtype=dtype)
     settings = resolve_settings(student.defaults, steps=cfg.steps, guidance_scale=cfg.guidance_scale,

@@ -7,10 +7,15 @@ from collections.abc import Callable
 
 
 def cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None, *,
-        errors: tuple[type[BaseException], ...] = ()) -> int:
+        errors: tuple[type[BaseException], ...] = (), help_text: str | None = None) -> int:
     """Run a script's `main(argv)` and return its exit code. The errors a user causes (`errors`: a missing path, a
     folder of the wrong kind, an unknown key) become one line `error: <message>` on stderr and exit code 2 instead
-    of a traceback; a main that returns an int returns it, anything else is 0."""
+    of a traceback; a main that returns an int returns it, anything else is 0. With help_text (for scripts that
+    take key=value arguments rather than argparse flags), -h or --help prints it and returns 0."""
+    args = sys.argv[1:] if argv is None else argv
+    if help_text is not None and ("-h" in args or "--help" in args):
+        print(help_text.strip())
+        return 0
     try:
         result = main(argv)
     except errors as exc:

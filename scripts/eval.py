@@ -72,7 +72,8 @@ def log_wandb(report: dict[str, Any], cfg: EvalConfig) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     if not cfg.student:
-        raise SystemExit("student=... is required (an exported pipeline folder or a checkpoint folder)")
+        raise SettingsError("student=... is required (an exported pipeline folder or a checkpoint folder); "
+                            "--help lists the keys")
     hps, note = load_hpsv2(cfg.hpsv2_checkpoint, pick_device(cfg.device))
     report = run_eval(cfg, scorers=[hps] if hps else [], notes=[note] if note else [])
     for line in report["notes"]:
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def entry(argv: list[str] | None = None) -> int:
     """main() with one-line errors for bad paths and arguments (exit code 2)."""
-    return cli(main, argv, errors=(SourceError, SettingsError, FileNotFoundError, OmegaConfBaseException))
+    return cli(main, argv, errors=(SourceError, SettingsError, FileNotFoundError, OmegaConfBaseException),
+               help_text=f"{__doc__}\nKeys and defaults ({DEFAULT_CONFIG}):\n{DEFAULT_CONFIG.read_text()}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.config import ConfigError, load_config  # noqa: E402
+from train.config import ConfigError, config_help, load_config  # noqa: E402
 
 
 def inspect(overrides: list[str]) -> dict:
@@ -49,6 +49,9 @@ def inspect(overrides: list[str]) -> dict:
 
 
 def main() -> int:
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+        print(config_help(__doc__ or ""))
+        return 0
     try:
         result = inspect(sys.argv[1:])
     except ConfigError as exc:

@@ -22,6 +22,10 @@ NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 CONFIG=${ACCELERATE_CONFIG:-conf/accelerate/multi_node.yaml}
 PYTHON_ENV=${PYTHON_ENV:-.venv}
 mkdir -p "$RUN_DIR"
+# Check the config once, here, with the job's process count: a bad one is one line, not a line per node followed
+# by each launcher's traceback.
+WORLD_SIZE=$NUM_PROCESSES "$PYTHON_ENV/bin/python" train/main.py --check train.output_dir="$RUN_DIR" \
+  train.resume=latest "$@" || exit 2
 
 srun --kill-on-bad-exit=1 bash -c "
   source '$PYTHON_ENV/bin/activate'

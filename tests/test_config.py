@@ -390,3 +390,25 @@ def test_out_of_memory_is_one_line_with_advice_and_exit_4(monkeypatch, capsys, d
     assert len(lines) == 1 and lines[0].startswith("error: out of memory")
     assert "train.micro_batch_size=2" in lines[0] and "make plan-memory" in lines[0]
     assert "train.global_batch_size=4" in lines[0]
+
+
+def test_check_only_says_the_run_in_one_line_and_help_lists_the_groups(demo_shards, capsys, monkeypatch):
+    """`train/main.py --check` (run by `make train` and slurm_train.sh before `accelerate launch`) composes and checks
+    with WORLD_SIZE's process count, trains nothing, and names what a run would do; --help lists the options."""
+    from train import main as entry
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shards = f"data.shards={demo_shards}"
+    args = ["--check", "+experiment=demo", shards, "train.micro_batch_size=2"]
+    assert entry.main([*args, "train.output_dir=/tmp/nowhere/run"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("config ok: teacher tiny, student tiny, 300 steps of 4 images = 2 process(es) x "
+                          "micro-batch 2 x 1 accumulation") and out.endswith("into /tmp/nowhere/run")
+    assert not Path("/tmp/nowhere").exists()
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert entry.main(args) == 2
+    assert "3 x 2" in capsys.readouterr().err
+    assert entry.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "experiment: demo, koala_1b," in text and "teacher: sdxl_base, sdxl_lightning, sdxl_turbo, tiny" in text

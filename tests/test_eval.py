@@ -148,3 +148,31 @@ def test_config_rejects_unknown_keys():
     assert cfg.student == "x" and cfg.steps == 3 and cfg.prompts == "smoke"
     with pytest.raises(ConfigKeyError):
         load_config(["studnet=x"])
+
+
+def test_a_wrong_clip_folder_is_one_note_said_before_sampling(tiny_clip, tmp_path):
+    """A folder that is not a loadable CLIP model is found from its files alone; one that only fails while its
+    weights load is a note too, so the images sampled before it are never lost to a traceback."""
+    import shutil
+
+    from PIL import Image
+
+    from distill.evaluation import build_clip_scorer, clip_folder_problem
+
+    assert clip_folder_problem(str(tiny_clip)) is None
+    assert "is not a folder" in clip_folder_problem(str(tmp_path / "nowhere"))
+    other = tmp_path / "unet"
+    other.mkdir()
+    (other / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    assert "model_type None" in clip_folder_problem(str(other))
+    no_processor = tmp_path / "no_processor"
+    shutil.copytree(tiny_clip, no_processor, ignore=shutil.ignore_patterns("*processor_config.json"))
+    assert "has no processor" in clip_folder_problem(str(no_processor))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_clip, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert clip_folder_problem(str(broken)) is None
+    scorer, note = build_clip_scorer(EvalConfig(clip_model=str(broken)), torch.device("cpu"))
+    assert scorer is None and "did not load" in note and "\n" not in note
+    scorer, note = build_clip_scorer(EvalConfig(clip_model=str(tiny_clip)), torch.device("cpu"))
+    assert note is None and scorer([Image.new("RGB", (32, 32))], ["a photo"]).shape == (1,)

@@ -155,6 +155,17 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
     return cfg
 
 
+def config_help(doc: str) -> str:
+    """`doc` (a script's usage) followed by every Hydra group under conf/ with its options, for -h/--help."""
+    lines = [doc.strip(), "", "Config groups (conf/, choose with group=option; experiments with +experiment=name):"]
+    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("accelerate", "eval")):
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        lines.append(f"  {group.name}: {', '.join(options)}")
+    lines += ["Keys are typed and documented in distill/config.py, data/config.py and train/config.py; "
+              "any key is set as section.key=value (e.g. train.max_steps=1000)."]
+    return "\n".join(lines)
+
+
 _CHOICES = {
     "teacher.name": ("sdxl_base", "sdxl_turbo", "sdxl_lightning", "tiny"),
     "teacher.prediction_type": ("epsilon", "v_prediction", "sample"),

@@ -1,7 +1,9 @@
 """Entry point: `accelerate launch train/main.py +experiment=koala_lightning_1b [key=value ...]`.
 
 Composes the Hydra config from conf/, checks it (one line on error, before any model loads), trains, and prints
-one JSON summary line on the main process.
+one JSON summary line on the main process. `python train/main.py --check [key=value ...]` only composes and checks
+the config: `make train` and scripts/slurm_train.sh run it before `accelerate launch`, whose launcher would
+otherwise follow a config error's line with its own traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python train/main.py` from anywhere
 
-from train.config import ConfigError, load_config, validate  # noqa: E402
+from train.config import ConfigError, config_help, load_config, validate  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,14 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     written: the ranks agree on those) are printed by global rank 0 only, so a launch of N processes says them
     once; out-of-memory, which one rank can meet alone, is printed by the rank that met it."""
     overrides = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in overrides or "--help" in overrides:
+        print(config_help(__doc__ or ""))
+        return 0
+    check_only = "--check" in overrides
+    overrides = [o for o in overrides if o != "--check"]
     first_rank = os.environ.get("RANK", "0") == "0"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = load_config(overrides)
-        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        validate(cfg, world_size=world_size)
     except ConfigError as exc:
         if first_rank:
             print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if check_only:
+        print(f"config ok: {describe_run(cfg, world_size)}")
+        return 0
     import torch
 
     from distill.teachers import TeacherError
@@ -60,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         summary["wandb_dir"] = str(wandb_dir) if wandb_dir.exists() else None
         print(json.dumps(summary), flush=True)
     return 0
+
+
+def describe_run(cfg: object, world_size: int) -> str:
+    """One line naming what a checked config would train: models, steps, batch arithmetic and output folder."""
+    from train.config import grad_accum_steps
+
+    tr, t = cfg.train, cfg.teacher
+    teacher = t.name + (f" ({t.path})" if t.path else "") + (f" + {t.unet_file}" if t.unet_file else "")
+    return (f"teacher {teacher}, student {cfg.student.name}, {tr.max_steps} steps of {tr.global_batch_size} images "
+            f"= {world_size} process(es) x micro-batch {tr.micro_batch_size} x {grad_accum_steps(cfg, world_size)} "
+            f"accumulation, mixed precision {tr.mixed_precision}, into {tr.output_dir}")
 
 
 def out_of_memory_advice(cfg: object, overrides: list[str]) -> str:
