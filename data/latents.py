@@ -1,12 +1,14 @@
 """`make latents`: precompute VAE latents and both text encoders' embeddings into latent shards.
 
-Each raw input shard becomes one latent shard (same index, `{index:06d}.tar` in the output folder), written
-to a temporary name and renamed when complete, so an interrupted run resumes shard by shard: finished shards
-are skipped. A latent sample is {key}.latents.npy [4, h, w] (the VAE latent-distribution mean times the VAE's
-scaling_factor), {key}.prompt_embeds.npy [77, D], {key}.pooled_prompt_embeds.npy [P] and {key}.json (caption,
-original_size, crop_top_left, target_size, flipped). Training reads them with `data.kind=latents`, without the
-VAE encoder or the text encoders; `empty_prompt.npz` in the same folder holds the empty caption's embeddings
-for caption dropout.
+Each raw input shard becomes one latent shard (same index, `{index:06d}.tar` in the output folder), written to a
+temporary name and renamed when complete, so an interrupted run resumes shard by shard: finished shards are
+skipped. `latents.json` in the output folder records the settings the shards were made with (pipeline,
+preprocessing, caption keys, storage, seed, the raw shard names); a rerun with other settings into the same folder
+is refused in one line instead of mixing two kinds of latents. A latent sample is {key}.latents.npy [4, h, w] (one
+draw from the VAE posterior, seeded by the sample's key, times the VAE's scaling_factor), {key}.prompt_embeds.npy
+[77, D], {key}.pooled_prompt_embeds.npy [P] and {key}.json (caption, original_size, crop_top_left, target_size,
+flipped). Training reads them with `data.kind=latents`, without the VAE encoder or the text encoders;
+`empty_prompt.npz` in the same folder holds the empty caption's embeddings for caption dropout.
 
 Crops are fixed here: each sample's crop (and flip) comes from an RNG seeded by (seed, key), so reruns give the
 same latents. Preprocessing, caption choice and filters follow the same DataConfig keys as raw training.
@@ -41,6 +43,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _STORAGE = {"float32": np.float32, "float16": np.float16}
 # Embeddings of the empty caption, next to the latent shards (the loader reads only *.tar).
 EMPTY_PROMPT_FILE = "empty_prompt.npz"
+# The settings a latent shard set was made with, beside its shards.
+MANIFEST_FILE = "latents.json"
+# DataConfig keys that change what a latent sample holds (the others only change how shards are streamed).
+_MADE_WITH = ("resolution", "buckets", "bucket_step", "random_crop", "random_flip", "caption_fields", "syncap",
+              "alt_text_fields", "min_side", "min_aspect", "max_aspect", "score_filters", "max_pixels")
 
 
 def empty_prompt_path(shards: str) -> Path:
@@ -168,10 +175,20 @@ def make_latents(
     cfg = replace(cfg or DataConfig(), shards=shards, kind="raw")
     if storage not in _STORAGE:
         raise ValueError(f"storage must be one of {sorted(_STORAGE)}, got {storage!r}")
+    if num_parts < 1 or not 0 <= part < num_parts:
+        raise ValueError(f"--part {part} --num-parts {num_parts}: part must be in 0..num_parts-1")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: at least 1 image per encoder call")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     text_dtype = text_dtype or ("float16" if device.startswith("cuda") else "float32")
     urls = expand_shards(shards)
+    out_dir = Path(out).resolve()
+    inside = [u for u in urls if not (u.startswith("pipe:") or "://" in u) and Path(u).resolve().parent == out_dir]
+    if inside:
+        raise ValueError(f"--out {out} holds the raw shards being read ({Path(inside[0]).name}): latent shards "
+                         "take the same names, so give another folder")
     os.makedirs(out, exist_ok=True)
+    check_manifest(out, made_with(pipeline_dir, cfg, storage, seed, vae_dtype, urls))
     todo = [
         (i, url)
         for i, url in enumerate(urls)
@@ -193,6 +210,46 @@ def make_latents(
             summary["made"] += 1
     summary.update(skipped=sum(skips.values()), reasons=dict(sorted(skips.items())), out=os.path.abspath(out))
     return summary
+
+
+def made_with(pipeline_dir: str, cfg: DataConfig, storage: str, seed: int, vae_dtype: str,
+              urls: list[str]) -> dict[str, Any]:
+    """The settings that decide latent shard contents, as recorded in latents.json. `raw_shards` are the input
+    shards' file names in index order (latent shard i is made from raw shard i)."""
+    return {"pipeline": str(Path(pipeline_dir).resolve()), "storage": storage, "seed": seed, "vae_dtype": vae_dtype,
+            **{k: getattr(cfg, k) for k in _MADE_WITH}, "raw_shards": [u.rstrip("/").rsplit("/", 1)[-1] for u in urls]}
+
+
+def check_manifest(out: str, settings: dict[str, Any]) -> None:
+    """Write `out`/latents.json, or when it exists, raise ValueError (one line) if it records other settings.
+
+    The pipeline may have moved (its path is recorded, not compared). The raw shard list may grow or shrink at
+    its end, keeping each index's shard, and the manifest then records the longer list. A folder that holds
+    latent shards but no manifest (made before manifests existed) is accepted as it is."""
+    path = Path(out) / MANIFEST_FILE
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+        except ValueError:
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{path} is not a latents manifest: remove it, or give another --out")
+        changed = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in settings.items()
+                   if k not in ("pipeline", "raw_shards") and recorded.get(k) != v]
+        old, new = list(recorded.get("raw_shards") or []), settings["raw_shards"]
+        common = min(len(old), len(new))
+        if old[:common] != new[:common]:
+            i = next(i for i in range(common) if old[i] != new[i])
+            changed.append(f"raw shard {i} {old[i]!r} -> {new[i]!r}")
+        if changed:
+            raise ValueError(f"--out {out} holds latents made with other settings ({'; '.join(changed)}): give "
+                             "another --out, or the settings it was made with to finish it")
+        if len(new) <= len(old):
+            return
+        settings = {**recorded, "raw_shards": new}
+    tmp = path.with_name(f"{MANIFEST_FILE}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _make_one(index, url, out, decoder, seed, batch_size, skips, models, storage) -> int:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +118,37 @@ def test_make_latents_resumes_shard_by_shard(tiny_pipeline_dir, raw_shards, tmp_
     batches = list(itertools.islice(iter(build_loader(lat_cfg, batch_size=1, rank=0, world_size=1, seed=0)), 9))
     assert sorted(k for b in batches for k in b["keys"]) == sorted(_latent_samples(str(out)))
     assert all(b["latents"].dtype == torch.float32 and torch.isfinite(b["latents"]).all() for b in batches)
+
+    # the folder's manifest refuses a rerun that would mix other latents in, before any encoder loads
+    manifest = json.loads((out / "latents.json").read_text())
+    assert manifest["resolution"] == RES and manifest["raw_shards"] == ["000000.tar", "000001.tar", "000002.tar"]
+    for change, needle in ((["--resolution", "48"], "resolution 32 -> 48"), (["--seed", "1"], "seed 0 -> 1"),
+                           (["--shards", f"{raw_shards}/0000{{01..02}}.tar"], "raw shard 0 '000000.tar' -> "
+                                                                              "'000001.tar'")):
+        assert make_latents_script.entry([*args, *change]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --out") and needle in err and "\n" not in err
+    assert make_latents_script.entry([*args, "--shards", f"{raw_shards}/0000{{00..01}}.tar"]) == 0  # a prefix
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped_existing"] == 2
+    assert digests == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))}
+
+
+@pytest.mark.parametrize("change, needle", [
+    (["--out", "RAW"], "holds the raw shards being read"),
+    (["--part", "2", "--num-parts", "2"], "part must be in 0..num_parts-1"),
+    (["--batch-size", "0"], "at least 1 image"),
+])
+def test_make_latents_refuses_arguments_that_would_do_nothing_or_harm(change, needle, tiny_pipeline_dir,
+                                                                      raw_shards, tmp_path, capsys):
+    """--out equal to the raw folder would count every raw shard as made; a part outside the range would make
+    none; both are one line, and the raw shards are untouched."""
+    before = {p.name: p.stat().st_mtime_ns for p in Path(raw_shards).iterdir()}
+    change = [raw_shards if c == "RAW" else c for c in change]
+    args = ["--pipeline", str(tiny_pipeline_dir), "--shards", raw_shards, "--out", str(tmp_path / "lat"), *change]
+    assert make_latents_script.entry(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err
+    assert before == {p.name: p.stat().st_mtime_ns for p in Path(raw_shards).iterdir()}
 
 
 def test_the_default_resolution_is_the_pipelines_own(tiny_pipeline_dir, tmp_path):
