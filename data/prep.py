@@ -60,6 +60,15 @@ class PrepOptions:
     workers: int = 1  # processes that read and check images
     overwrite: bool = False  # replace existing *.tar in the output folder
 
+    def __post_init__(self) -> None:
+        for name in ("samples_per_shard", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for name in ("min_side", "min_aspect", "max_aspect", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be 0 or more")
+
 
 @dataclass
 class SourceRecord:
@@ -123,12 +132,17 @@ def manifest_records(
 ) -> Iterator[SourceRecord]:
     """Rows of a parquet / jsonl manifest as records; every column but the image path goes to the json."""
     root = image_root or os.path.dirname(os.path.abspath(path))
-    column = image_column
+    column, named_checked = image_column, False
     for number, row in enumerate(_manifest_rows(path)):
         name = f"{os.path.basename(path)}:{number}"
         if isinstance(row, str):
             yield SourceRecord(name, skip=row)
             continue
+        if image_column is not None and not named_checked:
+            named_checked = True
+            if image_column not in row:
+                raise ValueError(f"{path}: --image-column {image_column} is not a column of its first row "
+                                 f"(columns: {', '.join(row)})")
         if column is None:
             column = next((c for c in IMAGE_COLUMNS if c in row), None)
             if column is None:

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distill.evaluation import EvalConfig, run_eval
 from distill.metrics import Hpsv2Scorer
-from distill.sampling import SettingsError, SourceError, pick_device
+from distill.sampling import SettingsError, SourceError, out_folder_problem, pick_device
 from scripts import cli
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml"
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not cfg.student:
         raise SettingsError("student=... is required (an exported pipeline folder or a checkpoint folder); "
                             "--help lists the keys")
+    if problem := out_folder_problem("out_dir", cfg.out_dir):
+        raise SettingsError(problem)
     hps, note = load_hpsv2(cfg.hpsv2_checkpoint, pick_device(cfg.device))
     report = run_eval(cfg, scorers=[hps] if hps else [], notes=[note] if note else [])
     for line in report["notes"]:

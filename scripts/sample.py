@@ -18,6 +18,7 @@ from distill.sampling import (
     SettingsError,
     SourceError,
     check_settings,
+    out_folder_problem,
     read_prompts,
     sample,
 )
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(str(exc))
     if args.grid_cols < 1:
         p.error(f"--grid-cols must be at least 1, not {args.grid_cols}")
+    if problem := out_folder_problem("--out", args.out):
+        p.error(problem)
 
     prompts = list(args.prompt)
     if args.prompts:

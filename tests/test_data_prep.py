@@ -133,6 +133,26 @@ def test_manifest_source_with_laion_pop_columns(tmp_path, kind):
     assert "image_path" not in metas[0]
 
 
+def test_a_named_image_column_the_manifest_lacks_and_bad_sizes_are_one_line(tmp_path, capsys):
+    """--image-column nosuch used to skip every row as missing_image and exit 0 with nothing written."""
+    from scripts import prep_data
+
+    _write(tmp_path / "images" / "0.jpg", encode_image(_image(10), "jpg"))
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("{not json\n" + json.dumps({**LAION_POP, "image_path": "images/0.jpg"}) + "\n")
+    base = ["--src", str(manifest), "--out", str(tmp_path / "out")]
+    for extra, needle in ((["--image-column", "nosuch"], "--image-column nosuch is not a column of its first row"),
+                          (["--samples-per-shard", "0"], "--samples-per-shard 0: must be at least 1"),
+                          (["--workers", "0"], "--workers 0: must be at least 1"),
+                          (["--min-side", "-5"], "--min-side -5: must be 0 or more")):
+        assert prep_data.entry([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.tar"))
+    assert prep_data.entry([*base, "--image-column", "image_path"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 1
+
+
 def test_manifest_without_local_paths_points_to_img2dataset(tmp_path):
     manifest = tmp_path / "urls.jsonl"
     manifest.write_text(json.dumps(LAION_POP) + "\n")

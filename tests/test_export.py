@@ -47,8 +47,8 @@ def test_export_errors_are_one_line(ckpt, tiny_pipeline_dir, tmp_path, capsys):
          "--teacher-path"),
     ]
     (tmp_path / "file").write_text("not a folder")
-    cases.append((["--checkpoint", str(ckpt), "--out", str(tmp_path / "file" / "export")], 5,
-                  "could not be written: Not a directory"))
+    cases.append((["--checkpoint", str(ckpt), "--out", str(tmp_path / "file" / "export")], 2,
+                  f"{tmp_path / 'file'} is a file, so no folder can be made there"))
     # the export replaces --out whole: never a run folder holding the checkpoint, nor a folder of other files
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
@@ -63,3 +63,13 @@ def test_export_errors_are_one_line(ckpt, tiny_pipeline_dir, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (mine / "meta.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "no_ema", "notes", "run"]  # no temporary left
+
+
+def test_a_failed_export_advises_free_space_only_for_a_full_disk(tmp_path):
+    from train.checkpoint import export_failed
+
+    full = str(export_failed(None, tmp_path / "x", "No space left on device"))
+    other = str(export_failed(None, tmp_path / "x", "Permission denied"))
+    assert "free space and run the export again" in full and "GiB free there" in full
+    assert "free space" not in other and "run the export again once that is fixed" in other

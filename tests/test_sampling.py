@@ -148,3 +148,21 @@ def test_sample_script_end_to_end(ckpt, tmp_path):
                    height=32, width=32)
     assert again["images"] == 1
     assert (out / "0000.png").read_bytes() == (tmp_path / "again" / "0000.png").read_bytes()
+
+
+def test_an_output_path_that_cannot_be_a_folder_is_one_line_before_sampling(tmp_path, capsys):
+    """sample.py used to sample every prompt and then die on mkdir with a traceback."""
+    from distill.sampling import out_folder_problem
+    from scripts import eval as eval_script
+    from scripts import sample as sample_script
+
+    (tmp_path / "file").write_text("x")
+    assert out_folder_problem("--out", str(tmp_path / "new" / "deeper")) is None
+    assert out_folder_problem("--out", str(tmp_path)) is None
+    assert out_folder_problem("--out", str(tmp_path / "file")) == f"--out {tmp_path / 'file'} is a file: give a folder"
+    assert "is a file, so no folder can be made there" in out_folder_problem("--out", str(tmp_path / "file" / "x"))
+    with pytest.raises(SystemExit) as info:  # argparse's error: usage and one line, exit 2
+        sample_script.main(["--source", str(tmp_path / "nowhere"), "--prompt", "a", "--out", str(tmp_path / "file")])
+    assert info.value.code == 2 and "--out" in capsys.readouterr().err
+    assert eval_script.entry([f"student={tmp_path}", f"out_dir={tmp_path / 'file' / 'eval'}"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: out_dir ")

@@ -158,7 +158,9 @@ def export_failed(output_dir: str | Path | None, export_dir: str | Path, reason:
     `output_dir` is given, else of a checkpoint (scripts/export.py), which only needs the command again."""
     free = _free_space(Path(export_dir))
     if output_dir is None:
-        again = "an earlier export there is untouched; free space and run the export again"
+        full = any(w in reason.lower() for w in ("no space", "quota", "file too large"))
+        again = ("an earlier export there is untouched; " + ("free space and run the export again" if full else
+                 "run the export again once that is fixed"))
     else:
         latest = latest_checkpoint(output_dir)
         again = (f"the checkpoint {latest} is complete: rerun with train.resume=latest to export again" if latest

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from distill.sampling import out_folder_problem
 from distill.teachers import export_scheduler
 
 _COPIED = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -115,8 +116,8 @@ def _check_target(out: Path, ckpt: Path, teacher: Path) -> None:
     for name, kept in (("the checkpoint", ckpt.resolve()), ("the teacher folder", teacher.resolve())):
         if target == kept or target in kept.parents or kept in target.parents:
             raise ExportError(f"--out {out} would replace {name} {kept}: give a new folder")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file: give a new folder")
+    if problem := out_folder_problem("--out", str(out)):
+        raise ExportError(problem)
     earlier_export = (out / "model_index.json").is_file() and (out / "koala_sampler.json").is_file()
     if out.is_dir() and any(out.iterdir()) and not earlier_export:
         raise ExportError(f"--out {out} holds other files and would be replaced whole: give a new or empty folder "
