@@ -329,8 +329,12 @@ def _row(model: str, part: str, steps: int | None, resolution: int, t: Timing, *
     return row
 
 
-def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every requested row; returns {"env", "config", "rows"} (JSON-ready)."""
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
+              on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure every requested row; returns {"env", "config", "rows"} (JSON-ready).
+
+    on_result, when given, receives the result so far after each row (with "partial": true), so that a run cut
+    short by a time limit keeps what it measured."""
     from distill.sampling import pick_device
 
     device = pick_device(cfg.device)
@@ -341,6 +345,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     if unknown:
         raise ValueError(f"unknown models {unknown}; one of {sorted(configs)}")
     rows: list[dict[str, Any]] = []
+    env = environment(device)
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_result is not None:
+            on_result({"env": env, "config": asdict(cfg), "rows": list(rows), "partial": True})
+
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     factor = 2 if cfg.tiny else 8  # the VAE's spatial factor, known before the VAE is loaded
     latent_hw = cfg.resolution // factor
@@ -359,21 +370,22 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             graphs = opts.cuda_graphs and opts.compile_vae
             t = time_it(lambda: decode(vae, latents.to(memory_format=memory), graphs), device, cfg.warmup,
                         cfg.repeats)
-            rows.append(_row("vae", "vae_decode", None, cfg.resolution, t, params=vae_params))
+            add(_row("vae", "vae_decode", None, cfg.resolution, t, params=vae_params))
             log(f"vae decode {cfg.resolution}px: {t.median_s * 1000:.1f} ms")
             del vae
             _free()
         models = list(dict.fromkeys(cfg.models + ([cfg.image_model] if cfg.image_model else [])))
         for name in models:
-            rows += _bench_unet(cfg, name, configs[name], latents.to(memory_format=memory), device, log)
+            _bench_unet(cfg, name, configs[name], latents.to(memory_format=memory), device, log, add)
             _free()
-    return {"env": environment(device), "config": asdict(cfg), "rows": rows}
+    return {"env": env, "config": asdict(cfg), "rows": rows}
 
 
 def _bench_unet(cfg: BenchConfig, name: str, config: dict[str, Any], latents: torch.Tensor, device: torch.device,
-                log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """The U-Net rows of one model (one per step count) and, for cfg.image_model, the full-image row."""
-    opts, dtype, rows = cfg.speed, DTYPES[cfg.speed.dtype], []
+                log: Callable[[str], None], add: Callable[[dict[str, Any]], None]) -> None:
+    """Measure the U-Net rows of one model (one per step count) and, for cfg.image_model, the full-image row;
+    each row goes to `add` as soon as it is measured."""
+    opts, dtype = cfg.speed, DTYPES[cfg.speed.dtype]
     unet = load_unet(config, cfg.unet_paths.get(name), device, dtype, cfg.seed)
     params = count_params(unet)  # before fuse_qkv, which adds fused copies of the projections
     unet = speed_up_unet(unet, opts)
@@ -386,15 +398,14 @@ def _bench_unet(cfg: BenchConfig, name: str, config: dict[str, Any], latents: to
     if name in cfg.models:
         for steps in cfg.steps:
             t = time_it(lambda s=steps: unet_loop(s), device, cfg.warmup, cfg.repeats)
-            rows.append(_row(name, "unet_cfg", steps, cfg.resolution, t, params=params))
+            add(_row(name, "unet_cfg", steps, cfg.resolution, t, params=params))
             log(f"{name} U-Net x{steps} (CFG): {t.median_s:.4f} s")
     if name == cfg.image_model:
         vae = speed_up_vae(load_vae(cfg.tiny, cfg.vae_path, device, dtype), opts)
         graphs = opts.cuda_graphs and opts.compile_vae
         t = time_it(lambda: decode(vae, unet_loop(cfg.image_steps), graphs), device, cfg.warmup, cfg.repeats)
-        rows.append(_row(name, "image", cfg.image_steps, cfg.resolution, t, params=params))
+        add(_row(name, "image", cfg.image_steps, cfg.resolution, t, params=params))
         log(f"{name} image ({cfg.image_steps} steps + decode): {t.median_s:.4f} s")
-    return rows
 
 
 def speed_summary(opts: dict[str, Any]) -> str:
@@ -415,7 +426,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = [
         f"{where}, torch {env['torch']}, diffusers {env['diffusers']}, {env['date']}. "
         f"Batch 1 with CFG, {'tiny shapes' if cfg['tiny'] else 'real shapes'}, "
-        f"median of {cfg['repeats']} after {cfg['warmup']} warm-up. Switches: {speed_summary(cfg['speed'])}.",
+        f"median of {cfg['repeats']} after {cfg['warmup']} warm-up. Switches: {speed_summary(cfg['speed'])}."
+        + (" Partial: the run stopped before its last row." if result.get("partial") else ""),
         "",
         "| model | params (M) | part | steps | px | latency (s) | per step (ms) | peak (GiB) |",
         "|---|---|---|---|---|---|---|---|",

@@ -59,6 +59,13 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
     s.add_argument("--fast", action="store_true", help="fp16 + channels_last + fused QKV + compile max-autotune "
                                                         "+ CUDA graphs + inductor tuning")
     a = p.parse_args(argv)
+    for flag, values, least in (("--steps", a.steps or [], 1), ("--warmup", [a.warmup or 0], 0),
+                                ("--repeats", [1 if a.repeats is None else a.repeats], 1),
+                                ("--image-steps", [1 if a.image_steps is None else a.image_steps], 1)):
+        if any(v < least for v in values):
+            p.error(f"{flag} must be at least {least}")
+    if a.resolution is not None and (a.resolution < 32 or a.resolution % 32):
+        p.error(f"--resolution {a.resolution}: a multiple of 32 px (the VAE downsamples 8x, the U-Net 4x more)")
 
     gpu = torch.cuda.is_available() and a.device != "cpu"
     tiny = a.tiny or not gpu
@@ -85,12 +92,19 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
     ), Path(a.out)
 
 
+def save(result: dict, out: Path) -> None:
+    """Write bench_infer.json and bench_infer.md (each replaced whole, so a reader never sees half a file)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("bench_infer.json", json.dumps(result, indent=2)), ("bench_infer.md", markdown_table(result))):
+        tmp = out / f"{name}.partial"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg, out = parse(argv)
-    result = run_bench(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_infer.json").write_text(json.dumps(result, indent=2))
-    (out / "bench_infer.md").write_text(markdown_table(result))
+    result = run_bench(cfg, on_result=lambda partial: save(partial, out))  # the rows so far survive a time limit
+    save(result, out)
     print(markdown_table(result))
     print(json.dumps(result))
     return result

@@ -65,18 +65,24 @@ def main(argv: list[str] | None = None) -> dict:
     from train.config import ConfigError
 
     bc, out, name = parse(argv)
+
+    def save(result: dict) -> None:  # each file replaced whole; a partial result (plain only) is written first
+        stem = name or f"{bc.profile}_{'tiny' if bc.tiny else bc.student}_b{result['batch']}"
+        out.mkdir(parents=True, exist_ok=True)
+        for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", markdown(result))):
+            tmp = out / f"bench_train_{stem}{suffix}.partial"
+            tmp.write_text(text)
+            tmp.replace(out / f"bench_train_{stem}{suffix}")
+
     try:
-        result = run_bench(bc)
+        result = run_bench(bc, on_result=save)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if bc.dry_run:
         print(json.dumps(result), flush=True)
         return result
-    name = name or f"{result['profile']}_{'tiny' if bc.tiny else result['student']}_b{result['batch']}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_train_{name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"bench_train_{name}.md").write_text(markdown(result))
+    save(result)
     print(json.dumps(result), flush=True)
     return result
 

@@ -33,9 +33,18 @@ def test_real_shapes_match_the_model_card():
     assert counts == {"sdxl": 2_567_463_684, "koala_1b": 1_161_184_324, "koala_700m": 782_822_724}
 
 
-def test_script_runs_every_row_on_tiny_shapes(tmp_path):
+def test_script_runs_every_row_on_tiny_shapes(tmp_path, monkeypatch):
+    from scripts import bench_infer
     from scripts.bench_infer import main
 
+    saved = []  # (rows, partial) at each write: the files hold every row measured so far, in case of a time limit
+
+    def save(result, out):
+        saved.append((len(result["rows"]), result.get("partial", False)))
+        real_save(result, out)
+
+    real_save = bench_infer.save
+    monkeypatch.setattr(bench_infer, "save", save)
     out = tmp_path / "bench"
     result = main(["--tiny", "--device", "cpu", "--resolution", "32", "--steps", "1", "--warmup", "0",
                    "--repeats", "1", "--image-steps", "1", "--out", str(out)])
@@ -48,6 +57,20 @@ def test_script_runs_every_row_on_tiny_shapes(tmp_path):
     assert json.loads((out / "bench_infer.json").read_text())["rows"] == result["rows"]
     md = (out / "bench_infer.md").read_text()
     assert "| koala_700m |" in md and "image" in md and result["config"]["speed"]["dtype"] == "fp32"
+    assert saved == [(1, True), (2, True), (3, True), (4, True), (5, True), (5, False)]
+    assert "Partial" not in md and sorted(p.name for p in out.iterdir()) == ["bench_infer.json", "bench_infer.md"]
+
+
+@pytest.mark.parametrize("args, needle", [(["--steps", "0"], "--steps must be at least 1"),
+                                          (["--repeats", "0"], "--repeats must be at least 1"),
+                                          (["--resolution", "100"], "--resolution 100: a multiple of 32 px")])
+def test_script_refuses_settings_it_cannot_measure(args, needle, capsys):
+    """--steps 0 used to end in a ZeroDivisionError after the models had loaded."""
+    from scripts.bench_infer import parse
+
+    with pytest.raises(SystemExit) as info:
+        parse(args)
+    assert info.value.code == 2 and needle in capsys.readouterr().err
 
 
 def test_speed_switches_keep_the_result():

@@ -33,8 +33,18 @@ def _run(argv: list[str]) -> dict:
     return json.loads(lines[0])
 
 
-def test_tiny_bench_compares_plain_and_fast_through_the_trainer(tmp_path):
+def test_tiny_bench_compares_plain_and_fast_through_the_trainer(tmp_path, monkeypatch):
     out = tmp_path / "out"
+    written_early = []  # the result file as it stood once the plain measurement was done: kept if time runs out
+    real_run_bench = bench_train.run_bench
+
+    def spy(bc, on_result=None):
+        def hook(partial):
+            on_result(partial)
+            written_early.append(json.loads((out / "bench_train_t.json").read_text()))
+        return real_run_bench(bc, on_result=hook)
+
+    monkeypatch.setattr(bench_train, "run_bench", spy)
     result = _run(["--tiny", "--compare-plain", "--steps", "2", "--warmup", "1", "--data", str(tmp_path / "lat"),
                    "--set", "train.compile_backend=eager",  # dynamo only: the aot_eager run is in test_fast_step
                    "--out", str(out), "--name", "t"])
@@ -52,8 +62,12 @@ def test_tiny_bench_compares_plain_and_fast_through_the_trainer(tmp_path):
                                                     abs=1e-3)
     # the same batch and generator through both configurations: the same losses
     assert result["loss_total"] == pytest.approx(result["plain"]["loss_total"], rel=1e-5)
-    assert json.loads((out / "bench_train_t.json").read_text())["img_per_s"] == result["img_per_s"]
+    final = json.loads((out / "bench_train_t.json").read_text())
+    assert final["img_per_s"] == result["img_per_s"] and "partial" not in final
+    assert len(written_early) == 1 and written_early[0]["partial"] and written_early[0]["profile"] == "plain"
+    assert written_early[0]["img_per_s"] == result["plain"]["img_per_s"]
     table = (out / "bench_train_t.md").read_text()
+    assert "Partial" not in table
     assert "| fast | tiny | 4 (2 x 2) |" in table
     # the breakdown: every phase of the step, from marks in the timed steps themselves, adding up to the step
     for rec in (result, result["plain"]):

@@ -436,10 +436,12 @@ def dry_run(bc: BenchConfig, shards: str, output_dir: str, workers: int) -> dict
     return result
 
 
-def run_bench(bc: BenchConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
+def run_bench(bc: BenchConfig, log: Callable[[str], None] = _log,
+              on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Measure bc.profile (and first the plain profile with compare_plain); return one JSON-able dict: the
     environment, the measured profile's record at the top level, `plain` and `speedup_vs_plain` when compared,
-    `fp8_error` when asked for."""
+    `fp8_error` when asked for. With compare_plain, on_result receives the plain record alone as soon as it is
+    measured (with "partial": true), so that a time limit during the second measurement keeps the first."""
     if not bc.tiny and not bc.dry_run and not torch.cuda.is_available():
         raise RuntimeError("real shapes need CUDA: use tiny=True (--tiny) on the CPU")
     batch = bc.batch or (4 if bc.tiny else 32)
@@ -460,6 +462,8 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = _log) -> dict[str, A
         if bc.compare_plain:
             plain, _ = measure_or_shrink(bc, "plain", shards, f"{tmp}/plain", workers, flops, log,
                                          extra=bc.plain_overrides)
+            if on_result is not None:
+                on_result({**result, **plain, "config": asdict(bc), "partial": True})
         rec, main_cfg = measure_or_shrink(bc, bc.profile, shards, f"{tmp}/{bc.profile}", workers, flops, log,
                                           extra=bc.plain_overrides if bc.profile == "plain" else None)
         result.update(rec)
@@ -498,6 +502,8 @@ def markdown(result: dict[str, Any]) -> str:
                     f"| {opts} | {rec['img_per_s']} | {rec['step_s']} | {rec['mfu']} | {peak} | "
                     f"{rec['first_step_s']} |")
     lines = [env, "", head, *rows]
+    if result.get("partial"):
+        lines += ["", f"Partial: only the {result['profile']} measurement finished."]
     for rec in [r for r in (result.get("plain"), result) if r and r.get("phases_s")]:
         rates = rec.get("phase_tflops", {})
         parts = [f"{k} {v:.3g}" + (f" ({rates[k]:.3g} TFLOP/s)" if k in rates else "")
