@@ -324,6 +324,11 @@ def test_a_preview_that_runs_out_of_memory_is_skipped_and_changes_nothing(tmp_pa
     with_previews = {k: v.clone() for k, v in run.unwrapped.state_dict().items()}
     run, _ = run_cfg(tiny_cfg(tmp_path / "plain", latents, tiny_pipeline_dir, *common))
     assert all(torch.equal(v, with_previews[k]) for k, v in run.unwrapped.state_dict().items())
+    # the preview's sampler reads the teacher's output as the run does: x0 for the 1-step Lightning U-Net, although
+    # the pipeline folder's scheduler (SDXL-Base's) says epsilon
+    assert run.teacher_components()["scheduler"].config.prediction_type == "epsilon"
+    run.cfg.teacher.prediction_type, run._components = "sample", None
+    assert run.teacher_components()["scheduler"].config.prediction_type == "sample"
 
 
 def _main_with_full_disk(out, shards, tiny_dir, monkeypatch, disk, *extra: str) -> int:
