@@ -21,12 +21,12 @@
 # other shapes). Compilation dominates; inductor's on-disk cache makes a second run on the same machine faster.
 #
 # Packages the GPU image lacks (diffusers, hydra-core, omegaconf, antlr4, webdataset, braceexpand,
-# bitsandbytes) travel as wheels in .whl/ (about 50 MB; see /work/.library/device/README.md):
+# importlib_metadata, bitsandbytes) travel as wheels in .whl/ (about 50 MB; see /work/.library/device/README.md):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 hydra-core==1.3.2 omegaconf==2.3.0 \
-#     webdataset braceexpand bitsandbytes
+#     webdataset braceexpand importlib_metadata zipp bitsandbytes
 #   python3 -m pip wheel --no-deps antlr4-python3-runtime==4.9.3 -w .whl   # sdist only: built here, pure Python
 # and the anchor script, which lives outside the repository, is copied beside them:
 #   cp ../shared/bench/anchor_unets.py .whl/
