@@ -51,11 +51,13 @@ demo: $(STAMP) demo-data tiny  ## distill the tiny student on the CPU, export it
 		--dynamo_backend no train/main.py +experiment=demo $(ARGS)
 
 # The config is checked once before `accelerate launch` (one line on error): the launcher would follow a failed
-# rank's line with its own traceback. GPUS=N sets the process count for both; LAUNCH adds launcher flags.
+# rank's line with its own traceback. GPUS=N is the process count of both (default: the GPUs nvidia-smi lists, else
+# 1; it overrides num_processes of a LAUNCH config file); LAUNCH adds launcher flags.
+GPUS_FOUND = $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" -gt 0 ] && echo $$n || echo 1)
 train: $(STAMP)  ## make train ARGS="+experiment=koala_1b teacher.path=.. data.shards=.." [GPUS=8] [LAUNCH="--config_file conf/accelerate/deepspeed_zero2.yaml"]
 	@test -n "$(ARGS)" || { echo "usage: make train ARGS=\"+experiment=... key=value ...\" [GPUS=N] [LAUNCH=...]"; exit 2; }
-	@WORLD_SIZE=$(or $(GPUS),1) $(PY) train/main.py --check $(ARGS)
-	$(VENV)/bin/accelerate launch --quiet $(if $(GPUS),--num_processes $(GPUS)) $(LAUNCH) train/main.py $(ARGS)
+	@WORLD_SIZE=$(or $(GPUS),$(GPUS_FOUND)) $(PY) train/main.py --check $(ARGS)
+	$(VENV)/bin/accelerate launch --quiet --num_processes $(or $(GPUS),$(GPUS_FOUND)) $(LAUNCH) train/main.py $(ARGS)
 
 data: $(STAMP)  ## make data SRC=images/|manifest.parquet|img2dataset_out/ OUT=shards/ [ARGS="--min-side 1024"]
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make data SRC=... OUT=... [ARGS=...]"; exit 2; }

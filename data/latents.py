@@ -2,13 +2,14 @@
 
 Each raw input shard becomes one latent shard (same index, `{index:06d}.tar` in the output folder), written to a
 temporary name and renamed when complete, so an interrupted run resumes shard by shard: finished shards are
-skipped. `latents.json` in the output folder records the settings the shards were made with (pipeline,
-preprocessing, caption keys, storage, seed, the raw shard names); a rerun with other settings into the same folder
-is refused in one line instead of mixing two kinds of latents. A latent sample is {key}.latents.npy [4, h, w] (one
-draw from the VAE posterior, seeded by the sample's key, times the VAE's scaling_factor), {key}.prompt_embeds.npy
-[77, D], {key}.pooled_prompt_embeds.npy [P] and {key}.json (caption, original_size, crop_top_left, target_size,
-flipped). Training reads them with `data.kind=latents`, without the VAE encoder or the text encoders;
-`empty_prompt.npz` in the same folder holds the empty caption's embeddings for caption dropout.
+skipped. `latents.json` in the output folder records the settings the shards were made with (preprocessing, caption
+keys, storage, seed, dtypes, the raw shard names; the pipeline's path for reference); a rerun with other settings
+into a folder that holds finished shards is refused in one line instead of mixing two kinds of latents. A latent
+sample is {key}.latents.npy [4, h, w] (one draw from the VAE posterior, seeded by the sample's key, times the VAE's
+scaling_factor), {key}.prompt_embeds.npy [77, D], {key}.pooled_prompt_embeds.npy [P] and {key}.json (caption,
+original_size, crop_top_left, target_size, flipped). Training reads them with `data.kind=latents`, without the VAE
+encoder or the text encoders; `empty_prompt.npz` in the same folder holds the empty caption's embeddings for
+caption dropout.
 
 Crops are fixed here: each sample's crop (and flip) comes from an RNG seeded by (seed, key), so reruns give the
 same latents. Preprocessing, caption choice and filters follow the same DataConfig keys as raw training.
@@ -176,7 +177,8 @@ def make_latents(
     if storage not in _STORAGE:
         raise ValueError(f"storage must be one of {sorted(_STORAGE)}, got {storage!r}")
     if num_parts < 1 or not 0 <= part < num_parts:
-        raise ValueError(f"--part {part} --num-parts {num_parts}: part must be in 0..num_parts-1")
+        raise ValueError(f"--part {part} --num-parts {num_parts}: num-parts must be at least 1 and part in "
+                         "0..num_parts-1")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: at least 1 image per encoder call")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -188,7 +190,7 @@ def make_latents(
         raise ValueError(f"--out {out} holds the raw shards being read ({Path(inside[0]).name}): latent shards "
                          "take the same names, so give another folder")
     os.makedirs(out, exist_ok=True)
-    check_manifest(out, made_with(pipeline_dir, cfg, storage, seed, vae_dtype, urls))
+    check_manifest(out, made_with(pipeline_dir, cfg, storage, seed, vae_dtype, text_dtype, urls))
     todo = [
         (i, url)
         for i, url in enumerate(urls)
@@ -212,30 +214,39 @@ def make_latents(
     return summary
 
 
-def made_with(pipeline_dir: str, cfg: DataConfig, storage: str, seed: int, vae_dtype: str,
+def made_with(pipeline_dir: str, cfg: DataConfig, storage: str, seed: int, vae_dtype: str, text_dtype: str,
               urls: list[str]) -> dict[str, Any]:
     """The settings that decide latent shard contents, as recorded in latents.json. `raw_shards` are the input
     shards' file names in index order (latent shard i is made from raw shard i)."""
-    return {"pipeline": str(Path(pipeline_dir).resolve()), "storage": storage, "seed": seed, "vae_dtype": vae_dtype,
-            **{k: getattr(cfg, k) for k in _MADE_WITH}, "raw_shards": [u.rstrip("/").rsplit("/", 1)[-1] for u in urls]}
+    return {"manifest_version": 1, "pipeline": str(Path(pipeline_dir).resolve()), "storage": storage, "seed": seed,
+            "vae_dtype": vae_dtype, "text_dtype": text_dtype, **{k: getattr(cfg, k) for k in _MADE_WITH},
+            "raw_shards": [u.rstrip("/").rsplit("/", 1)[-1] for u in urls]}
 
 
 def check_manifest(out: str, settings: dict[str, Any]) -> None:
-    """Write `out`/latents.json, or when it exists, raise ValueError (one line) if it records other settings.
+    """Record `settings` in `out`/latents.json, or raise ValueError (one line) if the latent shards already there
+    were made with other ones.
 
-    The pipeline may have moved (its path is recorded, not compared). The raw shard list may grow or shrink at
-    its end, keeping each index's shard, and the manifest then records the longer list. A folder that holds
-    latent shards but no manifest (made before manifests existed) is accepted as it is."""
+    Compared: every recorded key but the pipeline's path (the folder may have moved; its encoders show in the
+    embedding widths, which training checks) and keys one side does not know (a newer or older manifest). The raw
+    shard list may grow or shrink at its end, keeping each index's shard; the manifest then records the longer
+    list. A manifest beside no finished shard (a run stopped before its first) is simply replaced. Shards without
+    a manifest (made before manifests existed) are made with the new settings unchecked, with a warning, and get
+    none. Parts started at the same moment with different settings are not told apart."""
     path = Path(out) / MANIFEST_FILE
-    if path.is_file():
+    finished = any(Path(out).glob("[0-9]*.tar"))
+    if finished and not path.is_file():
+        log.warning("%s holds latent shards made before latents.json existed: their settings are not checked", out)
+        return
+    if finished:
         try:
             recorded = json.loads(path.read_text())
         except ValueError:
             recorded = None
         if not isinstance(recorded, dict):
             raise ValueError(f"{path} is not a latents manifest: remove it, or give another --out")
-        changed = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in settings.items()
-                   if k not in ("pipeline", "raw_shards") and recorded.get(k) != v]
+        changed = [f"{k} {recorded[k]!r} -> {v!r}" for k, v in settings.items()
+                   if k not in ("pipeline", "raw_shards") and k in recorded and recorded[k] != v]
         old, new = list(recorded.get("raw_shards") or []), settings["raw_shards"]
         common = min(len(old), len(new))
         if old[:common] != new[:common]:

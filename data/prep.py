@@ -64,10 +64,17 @@ class PrepOptions:
         for name in ("samples_per_shard", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("min_side", "min_aspect", "max_aspect", "max_pixels"):
+        for name in ("min_side", "max_pixels"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be 0 or more")
+        for name in ("min_aspect", "max_aspect"):  # width / height: 0 would keep no image (max) or mean nothing
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: a width/height ratio must be positive")
+        if self.min_aspect and self.max_aspect and self.min_aspect > self.max_aspect:
+            raise ValueError(f"--min-aspect {self.min_aspect} is above --max-aspect {self.max_aspect}: no image "
+                             "could pass")
 
 
 @dataclass
@@ -127,36 +134,48 @@ def _manifest_rows(path: str) -> Iterator[dict[str, Any] | str]:
                 yield skip.reason
 
 
+def manifest_image_column(path: str, image_column: str | None = None) -> str:
+    """The manifest's image-path column: `image_column` when its first row has it, else the first of IMAGE_COLUMNS
+    there. Raises ValueError (one line) otherwise; read before any shard is written or replaced."""
+    row = next((r for r in _manifest_rows(path) if isinstance(r, dict)), None)
+    if row is None:
+        raise ValueError(f"{path}: no readable row")
+    if image_column is not None:
+        if image_column not in row:
+            raise ValueError(f"{path}: --image-column {image_column} is not a column of its first row "
+                             f"(columns: {', '.join(row)})")
+        return image_column
+    column = next((c for c in IMAGE_COLUMNS if c in row), None)
+    if column is None:
+        raise ValueError(
+            f"{path}: no image path column (tried {', '.join(IMAGE_COLUMNS)}; columns: {', '.join(row)}); pass "
+            "--image-column, or download URLs with img2dataset first and use --format img2dataset"
+        )
+    return column
+
+
 def manifest_records(
     path: str, image_column: str | None = None, image_root: str | None = None
 ) -> Iterator[SourceRecord]:
-    """Rows of a parquet / jsonl manifest as records; every column but the image path goes to the json."""
+    """Rows of a parquet / jsonl manifest as records; every column but the image path goes to the json. The image
+    column is found (or checked) when this is called, not when the first record is read."""
+    column = manifest_image_column(path, image_column)
     root = image_root or os.path.dirname(os.path.abspath(path))
-    column, named_checked = image_column, False
-    for number, row in enumerate(_manifest_rows(path)):
-        name = f"{os.path.basename(path)}:{number}"
-        if isinstance(row, str):
-            yield SourceRecord(name, skip=row)
-            continue
-        if image_column is not None and not named_checked:
-            named_checked = True
-            if image_column not in row:
-                raise ValueError(f"{path}: --image-column {image_column} is not a column of its first row "
-                                 f"(columns: {', '.join(row)})")
-        if column is None:
-            column = next((c for c in IMAGE_COLUMNS if c in row), None)
-            if column is None:
-                raise ValueError(
-                    f"{path}: no image path column (tried {', '.join(IMAGE_COLUMNS)}; columns: "
-                    f"{', '.join(row)}); pass --image-column, or download URLs with img2dataset first and "
-                    f"use --format img2dataset"
-                )
-        image = row.get(column)
-        meta = {k: v for k, v in row.items() if k != column}
-        if not isinstance(image, str) or not image:
-            yield SourceRecord(name, skip="missing_image")
-            continue
-        yield SourceRecord(image, image_path=os.path.join(root, image), meta=meta)
+
+    def records() -> Iterator[SourceRecord]:
+        for number, row in enumerate(_manifest_rows(path)):
+            name = f"{os.path.basename(path)}:{number}"
+            if isinstance(row, str):
+                yield SourceRecord(name, skip=row)
+                continue
+            image = row.get(column)
+            meta = {k: v for k, v in row.items() if k != column}
+            if not isinstance(image, str) or not image:
+                yield SourceRecord(name, skip="missing_image")
+                continue
+            yield SourceRecord(image, image_path=os.path.join(root, image), meta=meta)
+
+    return records()
 
 
 def img2dataset_records(root: str, skips: Counter[str]) -> Iterator[SourceRecord]:

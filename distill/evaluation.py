@@ -38,7 +38,7 @@ from distill.sampling import (
 )
 
 PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; capped so the report stays valid JSON
-CLIP_HINT = ("CLIP score skipped: set eval.clip_model=/path/to/clip (a local transformers CLIPModel folder with its "
+CLIP_HINT = ("set eval.clip_model=/path/to/clip (a local transformers CLIPModel folder with its "
              "processor, e.g. a save_pretrained copy of openai/clip-vit-large-patch14)")
 
 
@@ -80,21 +80,21 @@ def clip_folder_problem(path: str | None) -> str | None:
 
     Read from the folder's files alone (no weights), so that run_eval can say it before sampling for minutes."""
     if not path:
-        return CLIP_HINT
+        return "CLIP score skipped: " + CLIP_HINT
     folder = Path(path)
     if not folder.is_dir():
-        return f"CLIP score skipped: eval.clip_model={path} is not a folder. " + CLIP_HINT
+        return f"CLIP score skipped: eval.clip_model={path} is not a folder; " + CLIP_HINT
     try:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         model_type = None
     if model_type != "clip":
         return (f"CLIP score skipped: eval.clip_model={path} has no config.json of a CLIPModel (model_type "
-                f"{model_type!r}). " + CLIP_HINT)
+                f"{model_type!r}); " + CLIP_HINT)
     if not _has_any(folder, "preprocessor_config.json", "processor_config.json") or not _has_any(
             folder, "tokenizer.json", "vocab.json"):
         return (f"CLIP score skipped: eval.clip_model={path} has no processor (preprocessor_config.json or "
-                "processor_config.json, and a tokenizer). " + CLIP_HINT)
+                "processor_config.json, and a tokenizer); " + CLIP_HINT)
     return None
 
 
@@ -111,7 +111,7 @@ def build_clip_scorer(cfg: EvalConfig, device: torch.device) -> tuple[ClipScorer
         return ClipScorer(cfg.clip_model, device=device), None
     except Exception as exc:  # missing or corrupt weights (safetensors raises its own type): keep the sampled images
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return None, f"CLIP score skipped: eval.clip_model={cfg.clip_model} did not load ({first}). " + CLIP_HINT
+        return None, f"CLIP score skipped: eval.clip_model={cfg.clip_model} did not load ({first}); " + CLIP_HINT
 
 
 def _free(loaded: LoadedSource) -> None:

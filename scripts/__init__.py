@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 def cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None, *,
@@ -23,3 +24,19 @@ def cli(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
         print(f"error: {message}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def write_results(folder: Path, stem: str, json_text: str, markdown_text: str, partial: bool) -> None:
+    """Write a benchmark's <stem>.json and <stem>.md in `folder`, each replaced whole (never half written).
+
+    A partial result (the rows measured so far) goes to <stem>.partial.json/.md, so that a run cut short by a time
+    limit keeps what it measured without replacing an earlier complete result; the final write removes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{stem}.partial" if partial else stem
+    for suffix, text in ((".json", json_text), (".md", markdown_text)):
+        tmp = folder / f"{name}{suffix}.tmp"
+        tmp.write_text(text)
+        tmp.replace(folder / f"{name}{suffix}")
+    if not partial:
+        for suffix in (".json", ".md"):
+            (folder / f"{stem}.partial{suffix}").unlink(missing_ok=True)

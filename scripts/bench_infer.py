@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from distill.inference_bench import MODELS, BenchConfig, SpeedOptions, markdown_table, run_bench
+from scripts import write_results
 
 # --fast: the switches meant to reach a 10-step 1024 px KOALA-700M image in <= 0.15 s on an H100/H200.
 FAST = dict(dtype="fp16", channels_last=True, fuse_qkv=True, compile="full", compile_mode="max-autotune",
@@ -93,12 +94,9 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
 
 
 def save(result: dict, out: Path) -> None:
-    """Write bench_infer.json and bench_infer.md (each replaced whole, so a reader never sees half a file)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("bench_infer.json", json.dumps(result, indent=2)), ("bench_infer.md", markdown_table(result))):
-        tmp = out / f"{name}.partial"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+    """bench_infer.json and .md in `out`; bench_infer.partial.json/.md while rows are still being measured."""
+    write_results(out, "bench_infer", json.dumps(result, indent=2), markdown_table(result),
+                  partial=bool(result.get("partial")))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from scripts import write_results
 from train.bench import PEAK_TFLOPS, PROFILES, BenchConfig, markdown, run_bench
 
 
@@ -66,13 +67,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     bc, out, name = parse(argv)
 
-    def save(result: dict) -> None:  # each file replaced whole; a partial result (plain only) is written first
-        stem = name or f"{bc.profile}_{'tiny' if bc.tiny else bc.student}_b{result['batch']}"
-        out.mkdir(parents=True, exist_ok=True)
-        for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", markdown(result))):
-            tmp = out / f"bench_train_{stem}{suffix}.partial"
-            tmp.write_text(text)
-            tmp.replace(out / f"bench_train_{stem}{suffix}")
+    # the files' name comes from the command, not the result: a partial result (the plain measurement alone, or
+    # its out-of-memory record) is named like the final one, with .partial
+    batch = bc.batch or (4 if bc.tiny else 32)  # run_bench's default
+    stem = "bench_train_" + (name or f"{bc.profile}_{'tiny' if bc.tiny else bc.student}_b{batch}")
+
+    def save(result: dict) -> None:
+        write_results(out, stem, json.dumps(result, indent=2), markdown(result), partial=bool(result.get("partial")))
 
     try:
         result = run_bench(bc, on_result=save)

@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not cfg.student:
         raise SettingsError("student=... is required (an exported pipeline folder or a checkpoint folder); "
                             "--help lists the keys")
+    if not cfg.out_dir:
+        raise SettingsError("out_dir is empty: give the folder for the report and images")
     if problem := out_folder_problem("out_dir", cfg.out_dir):
         raise SettingsError(problem)
     hps, note = load_hpsv2(cfg.hpsv2_checkpoint, pick_device(cfg.device))

@@ -69,6 +69,11 @@ for candidate in ../shared/bench/anchor_unets.py shared/bench/anchor_unets.py .w
   [[ -z "$ANCHOR" && -f "$candidate" ]] && ANCHOR=$candidate
 done
 
+# A benchmark's files: <stem>.json/.md when it finished, else <stem>.partial.json/.md (the rows measured before
+# the time limit); prints the stem to copy from, or fails when there is neither.
+result_of() { if [[ -f "$1.json" ]]; then echo "$1"; elif [[ -f "$1.partial.json" ]]; then echo "$1.partial"; else
+  return 1; fi; }
+
 SUITE=${1:-train}
 if [[ "$SUITE" == infer ]]; then
   [[ -n "$ANCHOR" ]] && run_stage anchor_latency 120 \
@@ -76,8 +81,8 @@ if [[ "$SUITE" == infer ]]; then
   # the device tool returns at most 8 files: each stage writes to a scratch folder, its JSON comes back as
   # infer_<stage>.json and its Markdown table is appended to summary.md (7 files in all)
   TMP_OUT=$(mktemp -d)
-  keep() { [[ -f "$TMP_OUT/$1/bench_infer.json" ]] && cp "$TMP_OUT/$1/bench_infer.json" "$OUT/$1.json" \
-    && { echo "## $1"; cat "$TMP_OUT/$1/bench_infer.md"; echo; } >> "$OUT/summary.md"; return 0; }
+  keep() { local f; f=$(result_of "$TMP_OUT/$1/bench_infer") && cp "$f.json" "$OUT/$1.json" \
+    && { echo "## $1"; cat "$f.md"; echo; } >> "$OUT/summary.md"; return 0; }
   run_stage infer_plain 120 $PY scripts/bench_infer.py --dtype fp16 --out "$TMP_OUT/infer_plain"
   keep infer_plain
   # the target row only (KOALA-700M, 10 steps): max-autotune compiles of several models would not fit the budget
@@ -119,15 +124,14 @@ TMP_OUT=$(mktemp -d)
 run_stage fast_1b_b32 240 $PY scripts/bench_train.py --student koala_1b --batch 32 --micro-batch "$MICRO" \
   --compare-plain --plain-set train.micro_batch_size=32 --plain-set train.gradient_checkpointing=true \
   --warmup 2 --steps 4 --fp8-error --out "$TMP_OUT" --name fast_1b_b32
-[[ -f "$TMP_OUT/bench_train_fast_1b_b32.json" ]] && cp "$TMP_OUT/bench_train_fast_1b_b32.json" "$OUT/fast_1b_b32.json" \
-  && cat "$TMP_OUT/bench_train_fast_1b_b32.md" >> "$OUT/summary.md"
+F=$(result_of "$TMP_OUT/bench_train_fast_1b_b32") && cp "$F.json" "$OUT/fast_1b_b32.json" \
+  && cat "$F.md" >> "$OUT/summary.md"
 
 # 3. KOALA-700M within 24 GB: the low-memory profile (micro-batch 4, 8-bit AdamW, UP-1/UP-2 recomputed)
 run_stage lowmem_700m 150 $PY scripts/bench_train.py --student koala_700m --profile lowmem --batch 32 \
   --warmup 2 --steps 3 --out "$TMP_OUT" --name lowmem_700m_b32
-[[ -f "$TMP_OUT/bench_train_lowmem_700m_b32.json" ]] \
-  && cp "$TMP_OUT/bench_train_lowmem_700m_b32.json" "$OUT/lowmem_700m_b32.json" \
-  && { echo; cat "$TMP_OUT/bench_train_lowmem_700m_b32.md"; } >> "$OUT/summary.md"
+F=$(result_of "$TMP_OUT/bench_train_lowmem_700m_b32") && cp "$F.json" "$OUT/lowmem_700m_b32.json" \
+  && { echo; cat "$F.md"; } >> "$OUT/summary.md"
 wait "$PLANNER" 2>/dev/null
 say "planner estimates: $(wc -l < "$OUT/estimates.jsonl") of 3 in estimates.jsonl"
 say "done"

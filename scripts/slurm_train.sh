@@ -27,12 +27,14 @@ mkdir -p "$RUN_DIR"
 WORLD_SIZE=$NUM_PROCESSES "$PYTHON_ENV/bin/python" train/main.py --check train.output_dir="$RUN_DIR" \
   train.resume=latest "$@" || exit 2
 
+# The overrides, quoted for the inner shell exactly as this script received them (spaces, quotes, braces).
+OVERRIDES=$(printf '%q ' "$@")
 srun --kill-on-bad-exit=1 bash -c "
   source '$PYTHON_ENV/bin/activate'
   exec accelerate launch --config_file '$CONFIG' \
     --num_machines $SLURM_NNODES --num_processes $NUM_PROCESSES --machine_rank \$SLURM_PROCID \
     --main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT \
-    train/main.py train.output_dir='$RUN_DIR' train.resume=latest $*
+    train/main.py train.output_dir='$RUN_DIR' train.resume=latest $OVERRIDES
 " &
 SRUN_PID=$!
 trap 'echo "stop requested by the scheduler: creating $RUN_DIR/STOP"; touch "$RUN_DIR/STOP"' USR1 TERM

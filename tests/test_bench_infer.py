@@ -40,8 +40,10 @@ def test_script_runs_every_row_on_tiny_shapes(tmp_path, monkeypatch):
     saved = []  # (rows, partial) at each write: the files hold every row measured so far, in case of a time limit
 
     def save(result, out):
-        saved.append((len(result["rows"]), result.get("partial", False)))
         real_save(result, out)
+        partial = result.get("partial", False)
+        written = json.loads((out / ("bench_infer.partial.json" if partial else "bench_infer.json")).read_text())
+        saved.append((len(written["rows"]), partial))
 
     real_save = bench_infer.save
     monkeypatch.setattr(bench_infer, "save", save)

@@ -41,7 +41,7 @@ def test_tiny_bench_compares_plain_and_fast_through_the_trainer(tmp_path, monkey
     def spy(bc, on_result=None):
         def hook(partial):
             on_result(partial)
-            written_early.append(json.loads((out / "bench_train_t.json").read_text()))
+            written_early.append(json.loads((out / "bench_train_t.partial.json").read_text()))
         return real_run_bench(bc, on_result=hook)
 
     monkeypatch.setattr(bench_train, "run_bench", spy)
@@ -62,6 +62,7 @@ def test_tiny_bench_compares_plain_and_fast_through_the_trainer(tmp_path, monkey
                                                     abs=1e-3)
     # the same batch and generator through both configurations: the same losses
     assert result["loss_total"] == pytest.approx(result["plain"]["loss_total"], rel=1e-5)
+    assert sorted(p.name for p in out.iterdir()) == ["bench_train_t.json", "bench_train_t.md"]  # partials gone
     final = json.loads((out / "bench_train_t.json").read_text())
     assert final["img_per_s"] == result["img_per_s"] and "partial" not in final
     assert len(written_early) == 1 and written_early[0]["partial"] and written_early[0]["profile"] == "plain"

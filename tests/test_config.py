@@ -392,7 +392,7 @@ def test_out_of_memory_is_one_line_with_advice_and_exit_4(monkeypatch, capsys, d
     assert "train.global_batch_size=4" in lines[0]
 
 
-def test_check_only_says_the_run_in_one_line_and_help_lists_the_groups(demo_shards, capsys, monkeypatch):
+def test_check_only_says_the_run_in_one_line_and_help_lists_the_groups(demo_shards, capsys, monkeypatch, tmp_path):
     """`train/main.py --check` (run by `make train` and slurm_train.sh before `accelerate launch`) composes and checks
     with WORLD_SIZE's process count, trains nothing, and names what a run would do; --help lists the options."""
     from train import main as entry
@@ -401,14 +401,60 @@ def test_check_only_says_the_run_in_one_line_and_help_lists_the_groups(demo_shar
     monkeypatch.setenv("WORLD_SIZE", "2")
     shards = f"data.shards={demo_shards}"
     args = ["--check", "+experiment=demo", shards, "train.micro_batch_size=2"]
-    assert entry.main([*args, "train.output_dir=/tmp/nowhere/run"]) == 0
+    assert entry.main([*args, f"train.output_dir={tmp_path / 'nowhere' / 'run'}"]) == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith("config ok: teacher tiny, student tiny, 300 steps of 4 images = 2 process(es) x "
-                          "micro-batch 2 x 1 accumulation") and out.endswith("into /tmp/nowhere/run")
-    assert not Path("/tmp/nowhere").exists()
+                          "micro-batch 2 x 1 accumulation") and out.endswith(f"into {tmp_path / 'nowhere' / 'run'}")
+    assert not (tmp_path / "nowhere").exists()
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert entry.main(args) == 2
     assert "3 x 2" in capsys.readouterr().err
     assert entry.main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "experiment: demo, koala_1b," in text and "teacher: sdxl_base, sdxl_lightning, sdxl_turbo, tiny" in text
+
+
+def test_slurm_script_checks_once_and_passes_overrides_intact(demo_shards, tmp_path):
+    """scripts/slurm_train.sh with stand-ins for srun, scontrol, nvidia-smi and accelerate: a bad config is one line
+    and exit code 2 before srun; a good one reaches `accelerate launch` with a quoted brace pattern unchanged."""
+    import os
+    import stat
+
+    root = Path(__file__).resolve().parent.parent
+    fake = tmp_path / "bin"
+    env_dir = tmp_path / "env"
+    (env_dir / "bin").mkdir(parents=True)
+    fake.mkdir()
+    launched = tmp_path / "launched.txt"
+    scripts = {
+        fake / "nvidia-smi": "echo 'GPU 0: A'; echo 'GPU 1: B'",
+        fake / "scontrol": "echo node1",
+        fake / "srun": 'while [[ $1 == --* ]]; do shift; done; SLURM_PROCID=0 exec "$@"',
+        env_dir / "bin" / "accelerate": f"printf '%s\\n' \"$@\" > {launched}",
+        env_dir / "bin" / "python": f'exec {sys.executable} "$@"',
+    }
+    for path, body in scripts.items():
+        path.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    (env_dir / "bin" / "activate").write_text(f"export PATH={env_dir / 'bin'}:$PATH\n")
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "RUN_DIR": str(tmp_path / "run"),
+           "PYTHON_ENV": str(env_dir), "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1", "WANDB_MODE": "disabled"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+
+    def slurm(*overrides):
+        return subprocess.run(["bash", str(root / "scripts" / "slurm_train.sh"), *overrides], capture_output=True,
+                              text=True, env=env, cwd=root, timeout=300)
+
+    bad = slurm("+experiment=demo", f"data.shards={demo_shards}", "train.max_stepz=3")
+    assert bad.returncode == 2 and not launched.exists()
+    assert [ln for ln in bad.stderr.splitlines() if ln.strip()] == [
+        "config error: Could not override 'train.max_stepz'. train.max_stepz: Key 'max_stepz' not in 'TrainConfig'"]
+    shards = f"data.shards='{demo_shards}/{{000000..000003}}.tar'"
+    good = slurm("+experiment=demo", shards, "train.micro_batch_size=2")  # 2 processes x 2 = the demo's batch 4
+    assert good.returncode == 0, good.stderr
+    assert "config ok: teacher tiny, student tiny, 300 steps of 4 images = 2 process(es)" in good.stdout
+    args = launched.read_text().splitlines()
+    assert args[0] == "launch" and args[args.index("--num_processes") + 1] == "2"
+    assert args[args.index("train/main.py") + 1:] == [f"train.output_dir={tmp_path / 'run'}", "train.resume=latest",
+                                                      "+experiment=demo", shards, "train.micro_batch_size=2"]

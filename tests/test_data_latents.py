@@ -135,7 +135,7 @@ def test_make_latents_resumes_shard_by_shard(tiny_pipeline_dir, raw_shards, tmp_
 
 @pytest.mark.parametrize("change, needle", [
     (["--out", "RAW"], "holds the raw shards being read"),
-    (["--part", "2", "--num-parts", "2"], "part must be in 0..num_parts-1"),
+    (["--part", "2", "--num-parts", "2"], "part in 0..num_parts-1"),
     (["--batch-size", "0"], "at least 1 image"),
 ])
 def test_make_latents_refuses_arguments_that_would_do_nothing_or_harm(change, needle, tiny_pipeline_dir,
@@ -164,3 +164,28 @@ def test_the_default_resolution_is_the_pipelines_own(tiny_pipeline_dir, tmp_path
     assert native_resolution(str(tmp_path / "nothing")) is None
     with pytest.raises(SystemExit):  # no configs and no --resolution: argparse's one-line error
         make_latents_script.main(["--pipeline", str(tmp_path / "nothing"), "--shards", "x", "--out", "y"])
+
+
+def test_the_manifest_guards_finished_shards_only(tmp_path, caplog):
+    """A manifest beside no finished shard (a run stopped before its first) is replaced; keys a manifest does not
+    know are not held against it; shards made before manifests existed are left unchecked, with a warning."""
+    from data.latents import MANIFEST_FILE, check_manifest
+
+    base = {"manifest_version": 1, "resolution": 32, "seed": 0, "raw_shards": ["a.tar", "b.tar"]}
+    out = tmp_path / "lat"
+    out.mkdir()
+    check_manifest(str(out), base)
+    check_manifest(str(out), {**base, "resolution": 64})  # nothing finished yet: the new settings are recorded
+    assert json.loads((out / MANIFEST_FILE).read_text())["resolution"] == 64
+    (out / "000000.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="resolution 64 -> 32"):
+        check_manifest(str(out), base)
+    check_manifest(str(out), {**base, "resolution": 64, "text_dtype": "float16"})  # a key it never recorded
+    check_manifest(str(out), {**base, "resolution": 64, "raw_shards": ["a.tar", "b.tar", "c.tar"]})
+    assert json.loads((out / MANIFEST_FILE).read_text())["raw_shards"] == ["a.tar", "b.tar", "c.tar"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "000000.tar").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        check_manifest(str(old), base)
+    assert "not checked" in caplog.text and not (old / MANIFEST_FILE).exists()

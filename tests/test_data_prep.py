@@ -144,13 +144,18 @@ def test_a_named_image_column_the_manifest_lacks_and_bad_sizes_are_one_line(tmp_
     for extra, needle in ((["--image-column", "nosuch"], "--image-column nosuch is not a column of its first row"),
                           (["--samples-per-shard", "0"], "--samples-per-shard 0: must be at least 1"),
                           (["--workers", "0"], "--workers 0: must be at least 1"),
-                          (["--min-side", "-5"], "--min-side -5: must be 0 or more")):
+                          (["--min-side", "-5"], "--min-side -5: must be 0 or more"),
+                          (["--max-aspect", "0"], "--max-aspect 0.0: a width/height ratio must be positive"),
+                          (["--min-aspect", "2", "--max-aspect", "0.5"], "--min-aspect 2.0 is above --max-aspect")):
         assert prep_data.entry([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and needle in err and "\n" not in err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.tar"))
     assert prep_data.entry([*base, "--image-column", "image_path"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 1
+    # with --overwrite, a wrong column is found before the shards already there are replaced
+    assert prep_data.entry([*base, "--overwrite", "--image-column", "nosuch"]) == 2
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["000000.tar"]
 
 
 def test_manifest_without_local_paths_points_to_img2dataset(tmp_path):

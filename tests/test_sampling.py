@@ -163,6 +163,6 @@ def test_an_output_path_that_cannot_be_a_folder_is_one_line_before_sampling(tmp_
     assert "is a file, so no folder can be made there" in out_folder_problem("--out", str(tmp_path / "file" / "x"))
     with pytest.raises(SystemExit) as info:  # argparse's error: usage and one line, exit 2
         sample_script.main(["--source", str(tmp_path / "nowhere"), "--prompt", "a", "--out", str(tmp_path / "file")])
-    assert info.value.code == 2 and "--out" in capsys.readouterr().err
+    assert info.value.code == 2 and "is a file: give a folder" in capsys.readouterr().err
     assert eval_script.entry([f"student={tmp_path}", f"out_dir={tmp_path / 'file' / 'eval'}"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: out_dir ")

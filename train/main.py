@@ -15,6 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python train/main.py` from anywhere
 
+from omegaconf import DictConfig  # noqa: E402
+
 from train.config import ConfigError, config_help, load_config, validate  # noqa: E402
 
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def describe_run(cfg: object, world_size: int) -> str:
+def describe_run(cfg: DictConfig, world_size: int) -> str:
     """One line naming what a checked config would train: models, steps, batch arithmetic and output folder."""
     from train.config import grad_accum_steps
 
