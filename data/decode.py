@@ -224,3 +224,20 @@ def first_latent_example(urls: Sequence[str], max_samples: int = 16) -> Example 
         except SkipSample:
             continue
     return None
+
+
+def shard_kind(urls: Sequence[str], max_samples: int = 16) -> tuple[str, str] | None:
+    """("raw" or "latents", sample key) for the first sample of the first local shard in `urls` that holds an image
+    or the latents file (of its first `max_samples`), or None when none does or no shard is a local file: a config
+    check compares it with data.kind."""
+    local = next((u for u in urls if os.path.isfile(u)), None)
+    if local is None:
+        return None
+    for n, sample in enumerate(_tar_samples(local)):
+        if n >= max_samples:
+            break
+        if LATENT_FILES[0] in sample:
+            return "latents", sample["__key__"]
+        if _image_bytes(sample) is not None:
+            return "raw", sample["__key__"]
+    return None

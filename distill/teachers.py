@@ -36,6 +36,39 @@ def teacher_pipeline_dir(tcfg: Any) -> Path:
     return build_tiny_pipeline(default_tiny_pipeline_dir())
 
 
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def pipeline_folder_problem(folder: str | Path, *, unet: bool = True, unet_weights: bool = True,
+                            vae: bool = True, text: bool = True, index: bool = True, scheduler: bool = True
+                            ) -> str | None:
+    """What a diffusers SDXL pipeline folder lacks for the parts asked for (None when nothing): model_index.json,
+    scheduler/, unet/ config (and weights unless `unet_weights` is False, for a U-Net read from a file), vae/,
+    both text encoders and tokenizers. Looks at file names only; nothing is loaded."""
+    folder = Path(folder)
+    wanted: list[tuple[str, bool]] = [("unet", unet_weights)] if unet else []  # (sub-folder, needs weights)
+    if vae:
+        wanted.append(("vae", True))
+    if text:
+        wanted += [("text_encoder", True), ("text_encoder_2", True), ("tokenizer", False), ("tokenizer_2", False)]
+    missing = [] if not index or (folder / "model_index.json").is_file() else ["model_index.json"]
+    if scheduler and not (folder / "scheduler" / "scheduler_config.json").is_file():
+        missing.append("scheduler/scheduler_config.json")
+    for sub, weights in wanted:
+        d = folder / sub
+        if sub.startswith("tokenizer"):
+            if not d.is_dir() or not any(d.iterdir()):
+                missing.append(f"{sub}/")
+        elif not (d / "config.json").is_file():
+            missing.append(f"{sub}/config.json")
+        elif weights and not _has_weights(d):
+            missing.append(f"{sub}/ weights")
+    if not missing:
+        return None
+    return f"lacks {', '.join(missing)}: it is not a diffusers SDXL pipeline folder (the save_pretrained layout)"
+
+
 def teacher_unet_config(tcfg: Any) -> dict[str, Any]:
     """The teacher U-Net's config without loading weights: the folder's, else the shipped one named in config."""
     if tcfg.path and (Path(tcfg.path) / "unet" / "config.json").is_file():
@@ -148,15 +181,15 @@ def load_teacher_unet(
             unet = UNet2DConditionModel.from_config(config)
         unet.load_state_dict(read_unet_file(tcfg.unet_file, config, device), strict=True, assign=True)
     else:
-        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", dtype=dtype)
     return _frozen(unet, device, dtype)
 
 
 def load_vae(path: Path | str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              vae_path: str | None = None) -> AutoencoderKL:
     """The frozen VAE of a pipeline folder (or the folder `vae_path`, e.g. the fp16-fix VAE)."""
-    vae = (AutoencoderKL.from_pretrained(str(vae_path), torch_dtype=dtype) if vae_path
-           else AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=dtype))
+    vae = (AutoencoderKL.from_pretrained(str(vae_path), dtype=dtype) if vae_path
+           else AutoencoderKL.from_pretrained(str(path), subfolder="vae", dtype=dtype))
     return _frozen(vae, device, dtype)
 
 
@@ -168,8 +201,8 @@ def load_text_encoders(
 
     tokenizers = [CLIPTokenizer.from_pretrained(str(path), subfolder=sub) for sub in ("tokenizer", "tokenizer_2")]
     encoders = [
-        CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", torch_dtype=dtype),
-        CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder_2", torch_dtype=dtype),
+        CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", dtype=dtype),
+        CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder_2", dtype=dtype),
     ]
     return tokenizers, [_frozen(e, device, dtype) for e in encoders]
 

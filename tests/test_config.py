@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,53 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     assert needle in msg and "\n" not in msg
 
 
+def _sdxl_layout(folder: Path, skip: tuple[str, ...] = ()) -> Path:
+    """The file names of an SDXL diffusers folder, with empty files (what the config check looks at), and the
+    SDXL-Base U-Net config, so that the KOALA students derive from it. `skip`: relative paths left out."""
+    from distill.students import sdxl_base_unet_config
+
+    files = {"model_index.json": "{}", "scheduler/scheduler_config.json": "{}",
+             "unet/config.json": json.dumps(sdxl_base_unet_config()), "unet/diffusion_pytorch_model.safetensors": "",
+             "vae/config.json": "{}", "vae/diffusion_pytorch_model.safetensors": "",
+             "text_encoder/config.json": "{}", "text_encoder/model.safetensors": "",
+             "text_encoder_2/config.json": "{}", "text_encoder_2/model.safetensors": "",
+             "tokenizer/vocab.json": "{}", "tokenizer_2/vocab.json": "{}"}
+    for rel, text in files.items():
+        if rel not in skip:
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sdxl_layout(tmp_path_factory):
+    return _sdxl_layout(tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.mark.parametrize("skip, overrides, needle", [
+    (("unet/diffusion_pytorch_model.safetensors",), [], "lacks unet/ weights"),
+    (("tokenizer_2/vocab.json", "text_encoder/config.json"), [], "lacks text_encoder/config.json, tokenizer_2/:"),
+    # on latents without previews or export, the VAE and text encoders are not loaded
+    (("tokenizer_2/vocab.json", "vae/config.json"), ["data.kind=latents", "train.sample_every=0",
+                                                     "train.sample_at_end=false", "train.export=false"], None),
+    (("vae/config.json",), ["data.kind=latents", "train.sample_at_end=false"], "lacks vae/config.json"),
+    # with teacher.unet_file, the folder's U-Net gives the config only
+    (("unet/diffusion_pytorch_model.safetensors", "model_index.json"), ["train.export=false", "teacher.unet_file=F"],
+     "F cannot be read as safetensors"),  # the folder passed; the file's own check came next
+])
+def test_teacher_folder_is_checked_for_the_parts_the_run_loads(skip, overrides, needle, tmp_path):
+    """An existing teacher.path without the pipeline's files was a diffusers traceback after the run folder was
+    made; now it is one line naming what is missing. None: the folder passes and the next check (data.shards,
+    unset here) speaks."""
+    folder = _sdxl_layout(tmp_path / "sdxl", skip)
+    (tmp_path / "F").write_text("not safetensors")
+    overrides = [o.replace("=F", f"={tmp_path / 'F'}") for o in overrides]
+    cfg = load_config(["+experiment=koala_1b", f"teacher.path={folder}", *overrides])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert (needle or "data.shards is not set") in str(info.value) and "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("override, needle", [
     (["+experiment=koala_1b"], "teacher.path is not set"),
     (["+experiment=koala_lightning_1b"], "teacher.path and teacher.unet_file are not set"),
@@ -70,8 +118,10 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     (["train.max_nonfinite=0"], "train.max_nonfinite=0 must be at least 1"),
     (["teacher.resolution=100"], "teacher.resolution=100 must be a positive multiple of 8 px"),
     (["+experiment=koala_lightning_1b", "teacher.path=/nonexistent"], "teacher.path=/nonexistent"),
-    (["+experiment=koala_lightning_1b", f"teacher.path={CONF_DIR}"], "teacher.unet_file is not set"),
-    (["+experiment=koala_1b", f"teacher.path={CONF_DIR}", "data.shards=''"], "data.shards is not set"),
+    (["+experiment=koala_lightning_1b", "teacher.path=SDXL"], "teacher.unet_file is not set"),
+    (["+experiment=koala_1b", "teacher.path=SDXL", "data.shards=''"], "data.shards is not set"),
+    (["+experiment=koala_1b", f"teacher.path={CONF_DIR}"], "lacks model_index.json, scheduler/scheduler_config"),
+    (["+experiment=koala_1b", "teacher.path=SDXL", "teacher.vae_path=SDXL/tokenizer"], "is not a diffusers VAE folder"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10"),
     (["teacher.timesteps=random"], "teacher.timesteps"),
     (["data.shards='/nonexistent/{0..3}.tar'"], "data.shards"),
@@ -79,8 +129,8 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     (["student=custom", "student.layers_per_block=[1,1,1]", "student.transformer_layers_per_block=[1,2,9]",
       "student.mid_block=true"], "transformer depth 9"),
 ])
-def test_semantic_errors_before_any_model(override, needle, demo_shards):
-    cfg = load_config([f"data.shards={demo_shards}", *override])
+def test_semantic_errors_before_any_model(override, needle, demo_shards, sdxl_layout):
+    cfg = load_config([f"data.shards={demo_shards}", *(o.replace("SDXL", str(sdxl_layout)) for o in override)])
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert needle in str(info.value) and "\n" not in str(info.value)
@@ -152,6 +202,23 @@ def test_latent_shards_that_do_not_fit_the_teacher_are_one_line(tmp_path, change
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["raw", "latents"])
+def test_data_kind_that_does_not_match_the_shards_is_one_line(kind, tmp_path, demo_shards):
+    """Raw shards read as latents (or latents as raw) skipped every sample and failed in the loader after the
+    models had loaded; the first sample says which kind the shards are."""
+    from data.synthetic import write_synthetic_latent_shards
+
+    if kind == "raw":
+        shards, wrong = str(demo_shards), "latents"
+    else:
+        write_synthetic_latent_shards(str(tmp_path), num_shards=1, samples_per_shard=2, **TINY_LATENTS)
+        shards, wrong = str(tmp_path), "raw"
+    with pytest.raises(ConfigError) as info:
+        validate(load_config([f"data.kind={wrong}", f"data.shards={shards}", "data.num_workers=1"]))
+    msg = str(info.value)
+    assert f"but data.kind={wrong}: set data.kind={kind}" in msg and "\n" not in msg
 
 
 def test_caption_dropout_on_latents_needs_the_empty_caption_file(tmp_path):

@@ -45,6 +45,9 @@ def test_export_errors_are_one_line(ckpt, tiny_pipeline_dir, tmp_path, capsys):
         (["--checkpoint", str(no_ema), "--out", str(tmp_path / "b"), "--weights", "ema"], 2, "has no student_ema/"),
         (["--checkpoint", str(ckpt), "--out", str(tmp_path / "c"), "--teacher-path", str(tmp_path / "gone")], 2,
          "--teacher-path"),
+        # an existing folder that is not the teacher's pipeline: what it lacks, not "is not there"
+        (["--checkpoint", str(ckpt), "--out", str(tmp_path / "d"), "--teacher-path", str(tmp_path / "no_ema")], 2,
+         "lacks model_index.json, scheduler/scheduler_config.json, vae/config.json"),
     ]
     (tmp_path / "file").write_text("not a folder")
     cases.append((["--checkpoint", str(ckpt), "--out", str(tmp_path / "file" / "export")], 2,

@@ -268,10 +268,16 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(f"teacher.path={t.path} does not exist (leave it null to build the tiny pipeline)")
     if t.unet_file and not Path(t.unet_file).is_file():
         raise ConfigError(f"teacher.unet_file={t.unet_file} does not exist (a .safetensors U-Net file)")
-    if t.unet_file and not t.random_init:
-        _check_unet_file(t)
     if t.vae_path and not Path(t.vae_path).is_dir():
         raise ConfigError(f"teacher.vae_path={t.vae_path} does not exist (a diffusers VAE folder)")
+    if t.vae_path and not ((Path(t.vae_path) / "config.json").is_file() and any(
+            f.suffix in (".safetensors", ".bin") for f in Path(t.vae_path).iterdir())):
+        raise ConfigError(f"teacher.vae_path={t.vae_path} is not a diffusers VAE folder: it needs config.json and "
+                          "its weights (e.g. diffusion_pytorch_model.safetensors)")
+    if t.path and not t.random_init:
+        _check_pipeline_folder(cfg)
+    if t.unet_file and not t.random_init:
+        _check_unet_file(t)
     if t.name == "sdxl_lightning" and not t.unet_file:
         raise ConfigError("teacher.unet_file is not set: point it at a local sdxl_lightning_4step_unet.safetensors")
     shards = cfg.data.shards
@@ -432,6 +438,13 @@ def _check_data(cfg: DictConfig, world_size: int) -> None:
             f"data.shards has {len(shards)} shards for {world_size} processes x {max(1, cfg.data.num_workers)} "
             f"workers = {readers} readers: set data.resampled=true, lower data.num_workers, or re-shard"
         )
+    from data.decode import shard_kind
+
+    found = shard_kind(shards)
+    if found and found[0] != cfg.data.kind:
+        held = "images (raw shards)" if found[0] == "raw" else "precomputed latents (make latents)"
+        raise ConfigError(f"data.shards={cfg.data.shards} holds {held}, e.g. sample {found[1]}, but "
+                          f"data.kind={cfg.data.kind}: set data.kind={found[0]}")
     if cfg.data.kind == "latents":
         _check_latents(cfg, shards)
         if cfg.distill.caption_dropout > 0:
@@ -491,6 +504,19 @@ def _check_output_dir(output_dir: str) -> None:
         raise ConfigError(f"train.output_dir={output_dir} {what} by this user; choose another folder")
 
 
+def _check_pipeline_folder(cfg: DictConfig) -> None:
+    """teacher.path must hold what this run loads from it: the U-Net (its config only when teacher.unet_file gives
+    the weights) and scheduler always; the VAE and text encoders for raw images, previews or the export."""
+    from distill.teachers import pipeline_folder_problem
+
+    t, tr = cfg.teacher, cfg.train
+    decodes = cfg.data.kind == "raw" or tr.sample_every > 0 or tr.sample_at_end or tr.export
+    problem = pipeline_folder_problem(t.path, unet_weights=not t.unet_file, vae=decodes and not t.vae_path,
+                                      text=decodes, index=tr.export)
+    if problem:
+        raise ConfigError(f"teacher.path={t.path} {problem}")
+
+
 def _check_unet_file(t: DictConfig) -> None:
     """teacher.unet_file must hold exactly the teacher U-Net's tensors at its shapes: read from the file's header
     only, against the U-Net built from the teacher's config on the meta device (no weights are loaded)."""
@@ -516,7 +542,7 @@ def _check_student(cfg: DictConfig) -> None:
         spec = resolve_spec(s.name, s.layers_per_block, s.transformer_layers_per_block, s.mid_block)
         student = derive_student_config(teacher_unet_config(cfg.teacher), spec)
     except StudentSpecError as exc:
-        raise ConfigError(f"student: {exc}") from exc
+        raise ConfigError(str(exc)) from exc
     stages = stage_names(student)
     for stage in cfg.train.checkpointing_blocks:
         if stage not in stages:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from distill.sampling import out_folder_problem
-from distill.teachers import export_scheduler
+from distill.teachers import export_scheduler, pipeline_folder_problem
 
 _COPIED = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
@@ -92,9 +92,6 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, weights: str
     if not (ckpt / folder).is_dir():
         raise ExportError(f"{ckpt} has no {folder}/ (the run had train.ema=false): export weights=live or auto")
     teacher = Path(teacher_path or meta["teacher_path"])
-    if not (teacher / "model_index.json").is_file():
-        raise ExportError(f"the teacher pipeline folder {teacher} is not there: give the teacher's local diffusers "
-                          f"folder with --teacher-path (its text encoders, tokenizers and VAE are copied)")
     saved = (meta.get("config") or {}).get("teacher")
     if saved:
         tcfg = OmegaConf.create(saved)
@@ -102,6 +99,12 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, weights: str
         from train.config import load_config
 
         tcfg = load_config([f"teacher={meta['teacher_name']}"]).teacher
+    hint = ("give the teacher's local diffusers folder with --teacher-path (its text encoders, tokenizers and VAE "
+            "are copied)")
+    if not teacher.is_dir():
+        raise ExportError(f"the teacher pipeline folder {teacher} is not there: {hint}")
+    if problem := pipeline_folder_problem(teacher, unet=False, vae=not tcfg.get("vae_path")):
+        raise ExportError(f"the teacher pipeline folder {teacher} {problem}; {hint}")
     _check_target(Path(out_dir), ckpt, teacher)
     student = _load_unet(ckpt / folder, DTYPES[dtype])
     out = export_pipeline(teacher, tcfg, student, out_dir)
