@@ -329,7 +329,12 @@ def read_prompts(name_or_path: str | Path, limit: int | None = None) -> list[str
     if str(name_or_path) in PROMPT_SETS:
         text = resources.files("distill").joinpath(f"prompts/{name_or_path}.txt").read_text()
     else:
-        text = Path(name_or_path).read_text()
+        try:
+            text = Path(name_or_path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise SettingsError(f"prompts {name_or_path!s}: neither a shipped set ({', '.join(PROMPT_SETS)}) nor a "
+                                f"readable text file ({reason})") from exc
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     return prompts[:limit] if limit else prompts
 
@@ -441,10 +446,18 @@ def save_images(generation: Generation, folder: str | Path, grid_cols: int = 4, 
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu."""
+    """"auto" -> cuda when available, else cpu. A device this machine lacks (cuda without CUDA, cuda:3 with two
+    GPUs, a misspelt name) is a SettingsError naming it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        picked = torch.device(device)
+    except RuntimeError as exc:
+        raise SettingsError(f"device={device!r} is not a device name (auto, cpu, cuda, cuda:N)") from exc
+    if picked.type == "cuda" and (not torch.cuda.is_available() or (picked.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA"
+        raise SettingsError(f"device={device!r}: this machine has {found} (use device=auto or cpu)")
+    return picked
 
 
 def sample(

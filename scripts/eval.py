@@ -18,12 +18,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distill.evaluation import EvalConfig, run_eval
 from distill.metrics import Hpsv2Scorer
-from distill.sampling import SettingsError, SourceError, out_folder_problem, pick_device
+from distill.sampling import SettingsError, SourceError, out_folder_problem, pick_device, read_prompts
 from scripts import cli
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml"
 HPS_ARCH = "ViT-H-14"  # HPSv2 fine-tunes OpenCLIP ViT-H/14
-HPS_HINT = ("HPSv2 skipped: set eval.hpsv2_checkpoint=/path/HPS_v2.1_compressed.pt (from the HPSv2 release) and "
+HPS_HINT = ("set eval.hpsv2_checkpoint=/path/HPS_v2.1_compressed.pt (from the HPSv2 release) and "
             "pip install open_clip_torch; the checkpoint holds the whole ViT-H-14, nothing else is downloaded")
 
 
@@ -37,13 +37,14 @@ def load_config(argv: list[str], path: Path = DEFAULT_CONFIG) -> EvalConfig:
 def load_hpsv2(checkpoint: str | None, device: torch.device) -> tuple[Hpsv2Scorer | None, str | None]:
     """The HPSv2 scorer when the checkpoint exists and open_clip imports, else (None, one line how to get it)."""
     if not checkpoint:
-        return None, HPS_HINT
+        return None, "HPSv2 skipped: " + HPS_HINT
     if not Path(checkpoint).is_file():
-        return None, f"HPSv2 skipped: eval.hpsv2_checkpoint={checkpoint} does not exist. " + HPS_HINT
+        return None, f"HPSv2 skipped: eval.hpsv2_checkpoint={checkpoint} does not exist: " + HPS_HINT
     try:
         import open_clip
     except ImportError:
-        return None, "HPSv2 skipped: open_clip is not installed (pip install open_clip_torch). " + HPS_HINT
+        return None, ("HPSv2 skipped: open_clip is not installed: pip install open_clip_torch (the checkpoint "
+                      "holds the whole ViT-H-14, nothing else is downloaded)")
     model, _, preprocess = open_clip.create_model_and_transforms(HPS_ARCH, pretrained=None, device=device)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
@@ -57,7 +58,8 @@ def log_wandb(report: dict[str, Any], cfg: EvalConfig) -> None:
     """Log the means and the grids of a report as one W&B step (honours WANDB_MODE)."""
     import wandb
 
-    run = wandb.init(project=cfg.wandb_project, job_type="eval", config=report["config"])
+    # the run's files go beside the report, not into ./wandb of whatever folder eval was started from
+    run = wandb.init(project=cfg.wandb_project, job_type="eval", config=report["config"], dir=cfg.out_dir)
     metrics: dict[str, Any] = {f"eval/agreement/{k}": v for k, v in report.get("agreement", {}).items()}
     for role in ("student", "teacher"):
         for key in ("images_per_s", "clip_score", "hpsv2"):
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SettingsError("out_dir is empty: give the folder for the report and images")
     if problem := out_folder_problem("out_dir", cfg.out_dir):
         raise SettingsError(problem)
+    read_prompts(cfg.prompts)  # a wrong prompt set is said before any model loads
     hps, note = load_hpsv2(cfg.hpsv2_checkpoint, pick_device(cfg.device))
     report = run_eval(cfg, scorers=[hps] if hps else [], notes=[note] if note else [])
     for line in report["notes"]:

@@ -10,14 +10,20 @@ import argparse
 
 from data.demo import build_demo_shards
 from data.prep import report_lines
+from distill.sampling import out_folder_problem
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/demo_data", help="folder for the demo shards")
     args = parser.parse_args(argv)
-    for line in report_lines(build_demo_shards(args.out)):
-        print(line, flush=True)
+    if problem := out_folder_problem("--out", args.out):
+        parser.error(problem)
+    try:
+        for line in report_lines(build_demo_shards(args.out)):
+            print(line, flush=True)
+    except OSError as exc:  # a read-only or full disk, a folder that refuses new entries: one line, exit 2
+        parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from data.config import DataConfig
 from data.latents import make_latents, native_resolution
+from distill.teachers import pipeline_folder_problem
 from scripts import cli
 
 
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not Path(args.pipeline).is_dir():
         parser.error(f"--pipeline {args.pipeline} is not a folder (a diffusers SDXL pipeline: vae/, text encoders)")
+    if problem := pipeline_folder_problem(args.pipeline, unet=False, index=False, scheduler=False):
+        parser.error(f"--pipeline {args.pipeline} {problem}")
     resolution = args.resolution or native_resolution(args.pipeline)
     if resolution is None:
         parser.error(f"--resolution: {args.pipeline} has no unet/ and vae/ configs to take it from; give it")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from distill.sampling import out_folder_problem
 from distill.tiny import build_tiny_pipeline, default_tiny_pipeline_dir
 
 
@@ -16,7 +17,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if the folder is complete")
     args = parser.parse_args(argv)
-    print(build_tiny_pipeline(args.out, seed=args.seed, overwrite=args.overwrite))
+    if problem := out_folder_problem("--out", args.out):
+        parser.error(problem)
+    try:
+        print(build_tiny_pipeline(args.out, seed=args.seed, overwrite=args.overwrite))
+    except OSError as exc:  # a read-only or full disk, a folder that refuses new entries: one line, exit 2
+        parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
 
 
 if __name__ == "__main__":

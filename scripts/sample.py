@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def entry(argv: list[str] | None = None) -> int:
     """main() with one-line errors for bad paths and arguments (exit code 2)."""
-    return cli(main, argv, errors=(SourceError, FileNotFoundError))
+    return cli(main, argv, errors=(SourceError, SettingsError, FileNotFoundError))
 
 
 if __name__ == "__main__":

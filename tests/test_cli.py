@@ -10,7 +10,11 @@ import pytest
 
 @pytest.mark.parametrize("script, argv, needle", [
     ("sample", ["--source", "{tmp}/nope", "--prompt", "a cat"], "is neither a pipeline folder"),
-    ("sample", ["--source", "{tiny}", "--prompts", "{tmp}/prompts.txt"], "No such file or directory"),
+    ("sample", ["--source", "{tiny}", "--prompts", "{tmp}/prompts.txt"],
+     "prompts.txt: neither a shipped set (smoke, eval) nor a readable text file (No such file or directory)"),
+    ("eval", ["student={tiny}", "prompts=evall"], "prompts evall: neither a shipped set (smoke, eval)"),
+    ("sample", ["--source", "{tiny}", "--prompt", "a", "--device", "cuda:7"], "device='cuda:7': this machine has"),
+    ("eval", ["student={tiny}", "device=gpu"], "device='gpu' is not a device name"),
     ("eval", ["student={tmp}/nope"], "is neither a pipeline folder"),
     ("eval", ["student={tiny}", "nonsense=1"], "Key 'nonsense' not in 'EvalConfig'"),
     ("prep_data", ["--src", "{tmp}/nope", "--out", "{tmp}/out"], "does not exist"),
@@ -34,11 +38,19 @@ def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tin
 
 @pytest.mark.parametrize("script, argv, needle", [
     ("make_latents", ["--pipeline", "{tmp}/nope", "--shards", "x", "--out", "{tmp}"], "--pipeline {tmp}/nope is not"),
+    # an existing folder without the pipeline's parts: before, a traceback after latents.json was written
+    ("make_latents", ["--pipeline", "{tmp}", "--shards", "x", "--out", "{tmp}/o"],
+     "--pipeline {tmp} lacks vae/config.json, text_encoder/config.json, text_encoder_2/config.json, tokenizer/, "
+     "tokenizer_2/: it is not"),
     ("sample", ["--source", "{tiny}", "--prompt", "a", "--width", "12"], "width must be a positive multiple of 8"),
     ("sample", ["--source", "{tiny}", "--prompt", "a", "--steps", "0"], "steps must be at least 1"),
     ("bench_infer", ["--unet", "koala_1b={tmp}/nope"], "--unet koala_1b={tmp}/nope is not a local folder"),
     ("bench_infer", ["--vae", "{tmp}/nope"], "--vae {tmp}/nope is not a local folder"),
     ("bench_data", ["--batches", "0"], "--batches must be at least 1"),
+    ("make_demo_data", ["--out", "{tiny}/model_index.json/demo"], "is a file, so no folder can be made there"),
+    # /proc takes no new folders, even from root: the write itself fails, as on a read-only or full disk
+    ("make_demo_data", ["--out", "/proc/koala_demo"], "--out /proc/koala_demo: cannot write there"),
+    ("make_tiny_pipeline", ["--out", "/proc/koala_tiny"], "--out /proc/koala_tiny: cannot write there"),
 ])
 def test_bad_arguments_stop_before_any_model_with_argparse_usage(script, argv, needle, tmp_path, tiny_pipeline_dir,
                                                                  capsys):

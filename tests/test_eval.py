@@ -40,7 +40,9 @@ def tiny_clip(tmp_path_factory):
 def test_eval_script_student_vs_teacher(ckpt, tiny_clip, tmp_path, monkeypatch):
     from scripts.eval import main
 
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # W&B's files go beside the report, not into ./wandb
     out = tmp_path / "eval"
     report = main([f"student={ckpt}", "teacher=auto", "prompts=smoke", "max_prompts=4", "steps=2",
                    "height=32", "width=32", "batch_size=2", "warmup_batches=0", "device=cpu",
@@ -57,6 +59,7 @@ def test_eval_script_student_vs_teacher(ckpt, tiny_clip, tmp_path, monkeypatch):
     for f in ("report.json", "report.md", "grid_teacher_student.png", "student/grid.png", "teacher/grid.png"):
         assert (out / f).is_file(), f
     assert json.loads((out / "report.json").read_text())["agreement"] == a
+    assert list((out / "wandb").glob("offline-run-*")) and not (tmp_path / "cwd" / "wandb").exists()
     md = (out / "report.md").read_text()
     assert "| teacher vs student (same seeds) |" in md and "| student |" in md
 
