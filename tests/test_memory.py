@@ -133,6 +133,12 @@ def test_estimate_script_prints_one_json_line_and_one_line_errors(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "micro_batchsize" in err
+    # 128 images over 3 processes x 8 was planned as 120 with 5 accumulation steps
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--world-size", "3", "train.micro_batch_size=8"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "= 3 x 8" in err
 
 
 @pytest.mark.slow
