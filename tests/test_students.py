@@ -108,12 +108,12 @@ def test_source_missing_is_an_error_not_random_init():
 def test_full_shape_values_copied_koala_1b():
     """At real SDXL shapes (bf16 to fit in memory): every KOALA-1B tensor equals its teacher tensor."""
     torch.manual_seed(0)
-    teacher = build_unet(sdxl_base_unet_config(), "meta").to_empty(device="cpu").to(torch.bfloat16)
+    teacher = build_unet(sdxl_base_unet_config(), "meta").to(torch.bfloat16).to_empty(device="cpu")
     with torch.no_grad():
         for i, p in enumerate(teacher.parameters()):
             p.fill_(float(i % 251) / 251)  # cheap, and distinct between neighbouring tensors
     student = build_unet(derive_student_config(sdxl_base_unet_config(), STUDENTS["koala_1b"]), "meta")
-    student = student.to_empty(device="cpu").to(torch.bfloat16)
+    student = student.to(torch.bfloat16).to_empty(device="cpu")
     with torch.no_grad():
         for p in student.parameters():
             p.fill_(-1.0)
