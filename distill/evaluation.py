@@ -26,6 +26,7 @@ from distill.sampling import (
     DTYPES,
     Generation,
     LoadedSource,
+    SettingsError,
     check_settings,
     generate,
     image_grid,
@@ -56,6 +57,8 @@ class EvalConfig:
     height: int | None = None  # px
     width: int | None = None  # px
     timestep_spacing: str | None = None  # "leading" / "trailing"; None keeps the source's scheduler
+    teacher_steps: int | None = None  # the teacher's own steps (e.g. 4 for SDXL-Lightning); None: the student's
+    teacher_guidance_scale: float | None = None  # the teacher's own CFG weight (0 for Turbo/Lightning); None: same
     family: str | None = None  # teacher family for the defaults (inferred when None)
     use_ema: bool = True  # sample a checkpoint's student_ema/ when present
     batch_size: int = 4  # images per pipeline call
@@ -73,6 +76,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_settings(steps=self.steps, guidance_scale=self.guidance_scale, height=self.height, width=self.width,
                        batch_size=self.batch_size)
+        for name in ("teacher_steps", "teacher_guidance_scale"):
+            value, low = getattr(self, name), 1 if name == "teacher_steps" else 0
+            if value is not None and value < low:
+                raise SettingsError(f"{name} must be at least {low}, not {value}")
 
 
 def clip_folder_problem(path: str | None) -> str | None:
@@ -177,12 +184,20 @@ def run_eval(cfg: EvalConfig, scorers: Sequence[ImageTextScorer] = (), notes: Se
     if teacher_src is not None:
         teacher = load_source(teacher_src[0], family=student.family, device=device, dtype=dtype,
                               unet_file=teacher_src[1])
-        # The teacher runs with exactly the student's sampler (schedule, spacing, and the prediction type both were
-        # trained on), so differences come from the U-Nets alone.
+        # The teacher runs with the student's sampler (schedule, spacing, and the prediction type both were trained
+        # on), so differences come from the U-Nets alone; teacher_steps / teacher_guidance_scale change only the
+        # step count and CFG weight (a few-step teacher at its native setting).
         teacher.pipe.scheduler = EulerDiscreteScheduler.from_config(student_scheduler)
-        gen_t = generate(teacher.pipe, prompts, resolve_settings(settings, timestep_spacing=spacing),
-                         seed=cfg.seed, batch_size=cfg.batch_size, warmup_batches=cfg.warmup_batches)
+        t_settings = resolve_settings(settings, timestep_spacing=spacing, steps=cfg.teacher_steps,
+                                      guidance_scale=cfg.teacher_guidance_scale)
+        gen_t = generate(teacher.pipe, prompts, t_settings, seed=cfg.seed, batch_size=cfg.batch_size,
+                         warmup_batches=cfg.warmup_batches)
         report["teacher"] = _model_summary(teacher, gen_t, teacher.pipe.scheduler.config.get("timestep_spacing"))
+        report["teacher"].update(steps=t_settings.steps, guidance_scale=t_settings.guidance_scale)
+        if (t_settings.steps, t_settings.guidance_scale) != (settings.steps, settings.guidance_scale):
+            notes.append(f"the teacher ran {t_settings.steps} step(s) at guidance {t_settings.guidance_scale}, the "
+                         f"student {settings.steps} at {settings.guidance_scale}: agreement then compares samplers "
+                         "as well as U-Nets")
         files["teacher"] = save_images(gen_t, out / "teacher", grid_max=cfg.grid_max)
         pair = out / "grid_teacher_student.png"
         pair_grid(gen_t.images, gen_s.images, cfg.grid_max).save(pair)

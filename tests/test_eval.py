@@ -12,6 +12,7 @@ import torch
 
 from distill.evaluation import PSNR_CAP_DB, EvalConfig, run_eval
 from distill.metrics import Hpsv2Scorer, psnr, ssim
+from distill.sampling import SettingsError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,6 +63,20 @@ def test_eval_script_student_vs_teacher(ckpt, tiny_clip, tmp_path, monkeypatch):
     assert list((out / "wandb").glob("offline-run-*")) and not (tmp_path / "cwd" / "wandb").exists()
     md = (out / "report.md").read_text()
     assert "| teacher vs student (same seeds) |" in md and "| student |" in md
+
+
+def test_teacher_at_its_own_steps_and_guidance(tiny_dir, tmp_path):
+    """A few-step teacher evaluated at its native setting: the same U-Net as the student, but 1 step without CFG
+    against 2 with, so the images differ, and the report and its notes say so."""
+    cfg = EvalConfig(student=str(tiny_dir), teacher=str(tiny_dir), max_prompts=1, steps=2, height=32, width=32,
+                     batch_size=1, warmup_batches=0, device="cpu", out_dir=str(tmp_path), teacher_steps=1,
+                     teacher_guidance_scale=0.0)
+    report = run_eval(cfg)
+    assert (report["teacher"]["steps"], report["teacher"]["guidance_scale"]) == (1, 0.0)
+    assert report["settings"]["steps"] == 2 and report["agreement"]["latent_mse"] > 0
+    assert any("the teacher ran 1 step(s) at guidance 0.0" in n for n in report["notes"])
+    with pytest.raises(SettingsError, match="teacher_steps must be at least 1"):
+        EvalConfig(student=str(tiny_dir), teacher_steps=0)
 
 
 def test_teacher_against_itself_agrees_exactly(tiny_dir, tmp_path):
