@@ -110,8 +110,11 @@ class Distiller:
         """One forward of teacher and student on a batch; returns koala_loss's dict (see distill.losses)."""
         device = self.teacher.unet.device
         begin_phase(self.phases, "inputs")
-        inputs = prepare_inputs(batch, self.teacher, device=device, generator=generator,
-                                caption_dropout=self.dcfg.caption_dropout, empty_prompt=self.empty_prompt)
+        # The trainer calls this inside the student's autocast: the VAE (fp32: SDXL's overflows in fp16) and the text
+        # encoders run in their own dtypes, not the autocast one.
+        with torch.autocast(device.type, enabled=False):
+            inputs = prepare_inputs(batch, self.teacher, device=device, generator=generator,
+                                    caption_dropout=self.dcfg.caption_dropout, empty_prompt=self.empty_prompt)
         return self.forward(inputs, generator)
 
     def forward(self, x: UNetInputs, generator: torch.Generator) -> dict[str, Tensor]:
@@ -128,7 +131,7 @@ class Distiller:
         t_dtype = self.teacher.unet.dtype
         begin_phase(self.phases, "teacher_fwd")
         self.tap_t.clear()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # teacher.dtype, not the student's autocast
             teacher_out = self.teacher.unet(
                 noisy.to(t_dtype), timesteps, encoder_hidden_states=x.prompt_embeds.to(t_dtype),
                 added_cond_kwargs={"text_embeds": x.pooled.to(t_dtype), "time_ids": x.time_ids.to(t_dtype)},

@@ -104,6 +104,32 @@ def test_raw_batches_train_on_a_seeded_posterior_sample(teacher):
     assert not torch.allclose(a, encode_images(bundle.vae, pixels))  # not the posterior mean
 
 
+def test_vae_text_encoders_and_teacher_ignore_the_students_autocast(teacher):
+    """The trainer runs the step inside the student's autocast (bf16 here). The fp32 VAE, text encoders and teacher
+    must still run in fp32: before, the VAE encoded in the autocast dtype (fp16: SDXL's VAE gives NaN) and an fp32
+    teacher computed in bf16. The teacher's output equals that of a step without autocast, bit for bit."""
+    tcfg, bundle = teacher
+    student = copy.deepcopy(bundle.unet).requires_grad_(True)
+    step = Distiller(bundle, student, match_features(bundle.unet, student), tcfg,
+                     OmegaConf.structured(DistillConfig()))
+    seen = []
+    hook = bundle.unet.register_forward_hook(lambda m, a, out: seen.append(out.sample))
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batch = {"pixel_values": pixels, "captions": ["a red car", "a cat"], "original_size": torch.tensor([[64, 64]] * 2),
+             "crop_top_left": torch.zeros(2, 2, dtype=torch.long), "target_size": torch.tensor([[64, 64]] * 2)}
+    try:
+        step(batch, torch.Generator().manual_seed(3))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = step(batch, torch.Generator().manual_seed(3))
+    finally:
+        hook.remove()
+        step.close()
+    plain, autocast = seen
+    assert autocast.dtype == torch.float32
+    assert torch.equal(autocast, plain)
+    assert losses["out_kd"] > 0  # the student (same weights) did run in bf16
+
+
 def test_trailing_grid_is_the_samplers():
     """The training grid of a few-step teacher is the grid its Euler sampler visits, for any step count."""
     from diffusers import EulerDiscreteScheduler
