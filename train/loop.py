@@ -419,6 +419,9 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     resume_from = ckpt.resolve_resume(tr.resume, output_dir)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        # load_state restores Accelerate's micro-batch counter, which decides the syncing micro-batch; checkpoints
+        # are written between optimizer steps, so 0 is right, and a new accumulation count stays in phase
+        accelerator.step = 0
         data_state = _resume_data_state(cfg, resume_from, accelerator.process_index, world, say)
         say(f"resumed from {resume_from} at step {state.step} ({state.samples_seen} samples seen)")
         if main:
