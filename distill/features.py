@@ -33,9 +33,9 @@ class FeaturePair:
 def layer_indices(teacher_depth: int, student_depth: int, how: str) -> list[int]:
     """Teacher transformer-block index for each student block of a shallower stack.
 
-    bottom: k <- k (KOALA's choice); up: the teacher's last blocks; interleave: every ceil(T/S)-th block ending
-    at the last (10 -> 6 gives teacher blocks 1, 3, 5, 7, 9, 10 in the paper's 1-based numbering), or evenly
-    spaced when that would repeat a block.
+    bottom: k <- k (KOALA's choice); up: the teacher's last blocks; interleave: every ceil(T/S)-th block from the
+    first, capped at the last (in the paper's 1-based numbering, 10 -> 6 gives teacher blocks 1, 3, 5, 7, 9, 10
+    and 10 -> 5 gives 1, 3, 5, 7, 9), or evenly spaced when the cap would repeat a block.
     """
     if student_depth > teacher_depth:
         raise ValueError(f"student stack deeper ({student_depth}) than teacher stack ({teacher_depth})")
