@@ -60,6 +60,25 @@ def test_a_resume_with_another_accumulation_syncs_on_the_last_micro_batch(tmp_pa
     assert all(p.grad is None for p in run.student.parameters())
 
 
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    """The first SIGINT asks for a checkpoint and a clean stop; a second one interrupts (a stuck step)."""
+    import os
+    import signal
+
+    from train.loop import StopFlag
+
+    flag = StopFlag()
+    flag.install(tmp_path)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # after another signal: still the clean stop
+        assert flag.requested() and flag.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        flag.uninstall()
+
+
 def _state(run):
     opt = run.optimizer.state_dict()
     return {

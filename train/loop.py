@@ -83,6 +83,8 @@ class StopFlag:
         return self.signum is not None or (self.file is not None and self.file.exists())
 
     def _handler(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self.signum = signum
 
 
