@@ -301,3 +301,35 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path, demo_shards, tiny_
     from train.checkpoint import latest_checkpoint, read_meta
 
     assert read_meta(latest_checkpoint(out))["step"] == summary["steps"]
+
+
+LAUNCHER = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]],
+                         env={**os.environ, "ACCELERATE_MIXED_PRECISION": "no"})
+while not os.path.exists(sys.argv[3] + ".ready"):
+    time.sleep(0.05)
+os._exit(143)  # as accelerate launch does on SIGTERM: gone, without passing the signal on
+"""
+
+TRAINER = """
+import signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from train.main import follow_launcher
+signal.signal(signal.SIGTERM, lambda *_: open(sys.argv[2], "w").write("SIGTERM") or sys.exit(0))
+print(follow_launcher(), file=open(sys.argv[2] + ".ready", "w"))
+time.sleep(60)
+"""
+
+
+def test_the_trainer_stops_when_its_launcher_dies(tmp_path):
+    """A SIGTERM to a one-process `accelerate launch` ended the launcher and left the trainer running unseen; under
+    a launcher the trainer now gets SIGTERM when the launcher dies (and so checkpoints and stops)."""
+    mark = tmp_path / "trainer"
+    launcher = subprocess.run([sys.executable, "-c", LAUNCHER, TRAINER, str(ROOT), str(mark)], timeout=120)
+    assert launcher.returncode == 143
+    deadline = time.time() + 30
+    while not mark.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "trainer.ready").read_text().strip() == "True"
+    assert mark.read_text() == "SIGTERM"

@@ -19,6 +19,26 @@ from omegaconf import DictConfig  # noqa: E402
 
 from train.config import ConfigError, config_help, load_config, validate  # noqa: E402
 
+LAUNCHER_ENV = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")  # set by accelerate launch / torchrun
+
+
+def follow_launcher() -> bool:
+    """Under a launcher (accelerate launch, torchrun), ask Linux to send this process SIGTERM when the launcher
+    dies: a SIGTERM to `accelerate launch` with one process ended the launcher but not the trainer, which trained
+    on unseen. SIGTERM then stops the run as any stop request does (a checkpoint, exit 0). Returns whether it was
+    set (Linux only, and only under a launcher, so that `nohup python train/main.py` outlives its shell)."""
+    if not sys.platform.startswith("linux") or not any(k in os.environ for k in LAUNCHER_ENV):
+        return False
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+        return False
+    if os.getppid() == 1:  # the launcher died before the request: act on it now
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run training with Hydra overrides from argv; return the process exit code.
@@ -44,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if check_only:
         print(f"config ok: {describe_run(cfg, world_size)}")
         return 0
+    follow_launcher()
     import torch
 
     from distill.teachers import TeacherError
