@@ -45,7 +45,12 @@ tiny: $(STAMP)  ## build (or reuse) the tiny SDXL pipeline in outputs/tiny_sdxl
 demo-data: $(STAMP)  ## scikit-image photos with written captions -> outputs/demo_data/*.tar
 	$(PY) scripts/make_demo_data.py --out outputs/demo_data
 
+# The demo starts over each time (its run folder, runs/demo unless ARGS names another, is the demo's own scratch),
+# unless ARGS continues it with train.resume=...
+DEMO_DIR = $(or $(patsubst train.output_dir=%,%,$(filter train.output_dir=%,$(ARGS))),runs/demo)
 demo: $(STAMP) demo-data tiny  ## distill the tiny student on the CPU, export it, print one JSON line
+	@if [ -z "$(filter train.resume=%,$(ARGS))" ] && [ -d "$(DEMO_DIR)/checkpoints" ]; then \
+		echo "make demo starts over: removing the previous demo run $(DEMO_DIR)"; rm -rf "$(DEMO_DIR)"; fi
 	@$(PY) train/main.py --check +experiment=demo $(ARGS)
 	WANDB_MODE=offline $(VENV)/bin/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no train/main.py +experiment=demo $(ARGS)

@@ -226,10 +226,10 @@ def first_latent_example(urls: Sequence[str], max_samples: int = 16) -> Example 
     return None
 
 
-def shard_kind(urls: Sequence[str], max_samples: int = 16) -> tuple[str, str] | None:
+def shard_kind(urls: Sequence[str], max_samples: int = 16) -> tuple[str | None, str] | None:
     """("raw" or "latents", sample key) for the first sample of the first local shard in `urls` that holds an image
-    or the latents file (of its first `max_samples`), or None when none does or no shard is a local file: a config
-    check compares it with data.kind."""
+    or the latents file (of its first `max_samples`); (None, shard path) when none of them does (not a tar, or a
+    tar of something else); None when no shard is a local file. A config check compares it with data.kind."""
     local = next((u for u in urls if os.path.isfile(u)), None)
     if local is None:
         return None
@@ -240,4 +240,4 @@ def shard_kind(urls: Sequence[str], max_samples: int = 16) -> tuple[str, str] | 
             return "latents", sample["__key__"]
         if _image_bytes(sample) is not None:
             return "raw", sample["__key__"]
-    return None
+    return None, local

@@ -15,11 +15,12 @@ from pathlib import Path
 
 from data.config import DataConfig
 from data.latents import make_latents, native_resolution
+from distill.sampling import out_folder_problem
 from distill.teachers import pipeline_folder_problem
 from scripts import cli
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", required=True, help="SDXL pipeline folder (VAE, tokenizers, text encoders)")
     parser.add_argument("--shards", required=True, help="raw shards: brace pattern, folder, glob or pipe:")
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", type=int, default=0, help="make shards with index %% num-parts == part")
     parser.add_argument("--num-parts", type=int, default=1, help="processes sharing the work")
     args = parser.parse_args(argv)
+    if problem := out_folder_problem("--out", args.out):
+        parser.error(problem)
     if not Path(args.pipeline).is_dir():
         parser.error(f"--pipeline {args.pipeline} is not a folder (a diffusers SDXL pipeline: vae/, text encoders)")
     if problem := pipeline_folder_problem(args.pipeline, unet=False, index=False, scheduler=False):
@@ -45,6 +48,16 @@ def main(argv: list[str] | None = None) -> None:
     resolution = args.resolution or native_resolution(args.pipeline)
     if resolution is None:
         parser.error(f"--resolution: {args.pipeline} has no unet/ and vae/ configs to take it from; give it")
+    if resolution < 8 or resolution % 8:
+        parser.error(f"--resolution {resolution} must be a positive multiple of 8 px (the VAE's factor)")
+    from data.decode import shard_kind
+    from data.stream import expand_shards
+
+    kind = shard_kind(expand_shards(args.shards))
+    if kind and kind[0] != "raw":
+        held = "latents already (make latents' output)" if kind[0] else "no image sample in its first 16"
+        parser.error(f"--shards {args.shards}: {kind[1] if kind[0] is None else 'the first shard'} holds {held}; "
+                     "give the raw image shards")
     cfg = DataConfig(
         shards=args.shards,
         resolution=resolution,
@@ -67,6 +80,11 @@ def main(argv: list[str] | None = None) -> None:
         num_parts=args.num_parts,
     )
     print(json.dumps({**summary, "resolution": resolution}), flush=True)
+    if summary.get("made") and not summary.get("written"):
+        print(f"error: no sample could be encoded (skipped: {summary.get('reasons')}); the latent shards are empty",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 def entry(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from data.prep import PrepOptions, prep_shards, report_lines
 from scripts import cli
@@ -31,6 +32,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes that read and check images")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     args = parser.parse_args(argv)
+    src = Path(args.src)
+    if args.format == "manifest" and src.is_dir():
+        parser.error(f"--format manifest: --src {args.src} is a folder; a manifest is a .parquet or .jsonl file")
+    if args.format in ("folder", "img2dataset") and src.is_file():
+        parser.error(f"--format {args.format}: --src {args.src} is a file; give the folder")
+    if out := next((p for p in (Path(args.out), *Path(args.out).absolute().parents) if p.exists()), None):
+        if not out.is_dir():
+            parser.error(f"--out {args.out}: {out} is a file, not a folder")
     opts = PrepOptions(
         samples_per_shard=args.samples_per_shard,
         min_side=args.min_side,

@@ -25,7 +25,6 @@ import pytest
     ("eval", ["student={tiny}", "steps=0"], "steps must be at least 1, not 0"),
     ("eval", ["student={tiny}", "height=30"], "height must be a positive multiple of 8 px"),
     ("bench_data", ["--shards", "{tmp}/nope"], "shards do not exist"),
-    ("prep_data", ["--src", "{tmp}", "--out", "{tiny}/vae/config.json"], "File exists"),  # --out is a file
 ])
 def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tiny_pipeline_dir, capsys):
     module = importlib.import_module(f"scripts.{script}")
@@ -47,6 +46,11 @@ def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tin
     ("bench_infer", ["--unet", "koala_1b={tmp}/nope"], "--unet koala_1b={tmp}/nope is not a local folder"),
     ("bench_infer", ["--vae", "{tmp}/nope"], "--vae {tmp}/nope is not a local folder"),
     ("bench_data", ["--batches", "0"], "--batches must be at least 1"),
+    ("prep_data", ["--src", "{tmp}", "--out", "{tiny}/vae/config.json"], "config.json is a file, not a folder"),
+    ("prep_data", ["--src", "{tmp}", "--out", "{tmp}/o", "--format", "manifest"], "--src {tmp} is a folder; a"),
+    ("make_latents", ["--pipeline", "{tiny}", "--shards", "x", "--out", "{tiny}/model_index.json"], "is a file"),
+    ("make_latents", ["--pipeline", "{tiny}", "--shards", "x", "--out", "{tmp}/o", "--resolution", "60"],
+     "--resolution 60 must be a positive multiple of 8 px"),
     ("make_demo_data", ["--out", "{tiny}/model_index.json/demo"], "is a file, so no folder can be made there"),
     # /proc takes no new folders, even from root: the write itself fails, as on a read-only or full disk
     ("make_demo_data", ["--out", "/proc/koala_demo"], "--out /proc/koala_demo: cannot write there"),

@@ -136,6 +136,25 @@ def test_semantic_errors_before_any_model(override, needle, demo_shards, sdxl_la
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_fresh_run_in_a_folder_holding_a_run_is_refused(tmp_path, demo_shards):
+    """Before, it mixed with the old run: keep_last pruned the new checkpoints (lower step numbers) and
+    train.resume=latest then went back to the old run."""
+    (tmp_path / "checkpoints" / "step_000000020").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_000000020" / "meta.json").write_text("{}")
+    with pytest.raises(ConfigError) as info:
+        validate(load_config([f"data.shards={demo_shards}", f"train.output_dir={tmp_path}"]))
+    assert "already holds a run (checkpoint step_000000020): continue it with train.resume=latest" in str(
+        info.value)
+
+
+def test_empty_sample_prompts_are_refused_when_grids_are_drawn(demo_shards):
+    """A grid of no prompts failed at the end of the run (after training, before the export)."""
+    with pytest.raises(ConfigError, match="train.sample_prompts is empty"):
+        validate(load_config([f"data.shards={demo_shards}", "train.sample_prompts=[]"]))
+    validate(load_config([f"data.shards={demo_shards}", "train.sample_prompts=[]", "train.sample_every=0",
+                          "train.sample_at_end=false"]))
+
+
 def test_batch_divisibility_depends_on_processes(demo_shards):
     cfg = load_config(["train.global_batch_size=8", "train.micro_batch_size=2", f"data.shards={demo_shards}"])
     validate(cfg, world_size=2)
@@ -219,6 +238,13 @@ def test_data_kind_that_does_not_match_the_shards_is_one_line(kind, tmp_path, de
         validate(load_config([f"data.kind={wrong}", f"data.shards={shards}", "data.num_workers=1"]))
     msg = str(info.value)
     assert f"but data.kind={wrong}: set data.kind={kind}" in msg and "\n" not in msg
+
+
+def test_shards_without_any_sample_are_one_line(tmp_path):
+    """A file that is not a shard of either kind passed the check and failed in the loader's worker."""
+    (tmp_path / "notes.tar").write_text("not a tar")
+    with pytest.raises(ConfigError, match="notes.tar holds no image or latent sample in its first 16"):
+        validate(load_config([f"data.shards={tmp_path / 'notes.tar'}", "data.num_workers=1"]))
 
 
 def test_caption_dropout_on_latents_needs_the_empty_caption_file(tmp_path):

@@ -189,3 +189,33 @@ def test_the_manifest_guards_finished_shards_only(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         check_manifest(str(old), base)
     assert "not checked" in caplog.text and not (old / MANIFEST_FILE).exists()
+
+
+def test_latent_shards_are_refused_as_input(tiny_pipeline_dir, tmp_path, capsys):
+    """make latents on its own output skipped every sample and wrote empty shards with exit code 0."""
+    from data.synthetic import write_synthetic_latent_shards
+
+    write_synthetic_latent_shards(str(tmp_path / "lat"), num_shards=1, samples_per_shard=2,
+                                  latent_shape=(4, 32, 32), text_dim=64, pooled_dim=32, image_size=(64, 64))
+    with pytest.raises(SystemExit) as exc:
+        make_latents_script.main(["--pipeline", str(tiny_pipeline_dir), "--shards", str(tmp_path / "lat"),
+                                  "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "holds latents already (make latents' output); give the raw image shards" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_whose_every_sample_is_skipped_end_with_an_error(tiny_pipeline_dir, tmp_path, capsys):
+    """Images without captions: nothing can be encoded, so the run says so and exits 2 instead of 0."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="JPEG")
+    (tmp_path / "raw").mkdir()
+    with wds.TarWriter(str(tmp_path / "raw" / "000000.tar")) as sink:
+        for i in range(2):
+            sink.write({"__key__": f"s{i}", "jpg": buf.getvalue()})
+    code = make_latents_script.entry(["--pipeline", str(tiny_pipeline_dir), "--shards", str(tmp_path / "raw"),
+                                      "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: no sample could be encoded" in err, err

@@ -79,6 +79,14 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
         flag.uninstall()
 
 
+def test_a_stop_file_older_than_the_run_is_ignored(tmp_path, demo_shards, tiny_pipeline_dir):
+    """A STOP left in the folder before the run stopped it after its first step; now only a new one does."""
+    tmp_path.joinpath("STOP").touch()
+    _, summary = run_cfg(tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, "train.max_steps=3",
+                                  "train.checkpoint_every=0", "train.ema=false"))
+    assert summary["steps"] == 3 and not summary["preempted"]
+
+
 def _state(run):
     opt = run.optimizer.state_dict()
     return {

@@ -291,6 +291,16 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         )
     _check_data(cfg, world_size)
     _check_output_dir(tr.output_dir)
+    if (tr.sample_every > 0 or tr.sample_at_end) and not tr.sample_prompts and not t.random_init:
+        raise ConfigError("train.sample_prompts is empty: sample grids need at least one prompt (or set "
+                          "train.sample_every=0 train.sample_at_end=false)")
+    if tr.resume is None:
+        from train.checkpoint import latest_checkpoint
+
+        if (found := latest_checkpoint(tr.output_dir)) is not None:
+            raise ConfigError(f"train.output_dir={tr.output_dir} already holds a run (checkpoint {found.name}): "
+                              "continue it with train.resume=latest, or start a new run in another "
+                              "train.output_dir (a fresh run here would mix with its checkpoints)")
     if tr.resume not in (None, "latest") and not Path(tr.resume).is_dir():
         raise ConfigError(f"train.resume={tr.resume} is neither 'latest' nor a checkpoint folder")
     if tr.resume is not None:
@@ -441,6 +451,9 @@ def _check_data(cfg: DictConfig, world_size: int) -> None:
     from data.decode import shard_kind
 
     found = shard_kind(shards)
+    if found and found[0] is None:
+        raise ConfigError(f"data.shards={cfg.data.shards}: {found[1]} holds no image or latent sample in its first "
+                          "16 (not a webdataset tar of images with captions, or of make latents' output)")
     if found and found[0] != cfg.data.kind:
         held = "images (raw shards)" if found[0] == "raw" else "precomputed latents (make latents)"
         raise ConfigError(f"data.shards={cfg.data.shards} holds {held}, e.g. sample {found[1]}, but "

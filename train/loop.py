@@ -67,10 +67,14 @@ class StopFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.file: Path | None = None
+        self.stale_mtime: int | None = None
         self._previous: dict[int, Any] = {}
 
     def install(self, output_dir: Path) -> None:
         self.file = output_dir / self.FILE
+        # a STOP file older than this run (left by hand, or by a stop that did not finish) does not stop it at
+        # once: only a new one (or a touch: a new mtime) does
+        self.stale_mtime = self._mtime()
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handler)
 
@@ -80,7 +84,16 @@ class StopFlag:
         self._previous = {}
 
     def requested(self) -> bool:
-        return self.signum is not None or (self.file is not None and self.file.exists())
+        if self.signum is not None:
+            return True
+        mtime = self._mtime()
+        return mtime is not None and mtime != self.stale_mtime
+
+    def _mtime(self) -> int | None:
+        try:
+            return None if self.file is None else self.file.stat().st_mtime_ns
+        except OSError:
+            return None
 
     def _handler(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
@@ -426,6 +439,9 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
         accelerator.step = 0
         data_state = _resume_data_state(cfg, resume_from, accelerator.process_index, world, say)
         say(f"resumed from {resume_from} at step {state.step} ({state.samples_seen} samples seen)")
+        if state.step >= tr.max_steps:
+            say(f"step {state.step} is already at train.max_steps={tr.max_steps}: nothing to train (raise "
+                "train.max_steps to go on); the run only ends as a finished one would (final grid, export)")
         if main:
             aside = ckpt.set_aside_later(output_dir, state.step)
             if aside is not None:
@@ -702,6 +718,8 @@ def train(run: Run) -> dict[str, Any]:
     cfg, acc, st = run.cfg, run.accelerator, run.state
     run.loader_iter = iter(run.loader)
     run.stop.install(run.output_dir)
+    if run.stop.stale_mtime is not None:
+        acc.print(f"note: {run.stop.file} is older than this run and is ignored; touch it again to stop the run")
     for cb in run.callbacks:
         cb.on_start(run)
     t0, preempted = time.perf_counter(), False
