@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from distill.files import widen_to_umask
 from distill.students import sdxl_base_unet_config
 from distill.teachers import SDXL_SCHEDULER_CONFIG
 
@@ -264,6 +265,7 @@ def build_tiny_pipeline(folder: str | Path, seed: int = 0, overwrite: bool = Fal
                 shutil.copy(tokenizer_files / name, tmp / part / name)
         shutil.rmtree(tokenizer_files)
         (tmp / "tiny_build.json").write_text(json.dumps({"seed": seed, "builder": "distill.tiny"}) + "\n")
+        widen_to_umask(tmp)
         if folder.exists():
             if not overwrite and is_complete_pipeline(folder):  # another process won the race
                 return folder

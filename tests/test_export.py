@@ -76,3 +76,32 @@ def test_a_failed_export_advises_free_space_only_for_a_full_disk(tmp_path):
     other = str(export_failed(None, tmp_path / "x", "Permission denied"))
     assert "free space and run the export again" in full and "GiB free there" in full
     assert "free space" not in other and "run the export again once that is fixed" in other
+
+
+def test_written_files_get_the_umask_permissions(tmp_path, tiny_pipeline_dir):
+    """safetensors 0.8 writes owner-only files (0600): teammates could not load an export or a checkpoint.
+    Files and folders are widened to what the umask allows, never narrowed."""
+    import os
+    import stat
+
+    from distill.files import widen_to_umask
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    assert mode(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors") & 0o044 == 0o044  # built here
+    (tmp_path / "d").mkdir(mode=0o700)
+    (tmp_path / "d" / "w.safetensors").write_bytes(b"x")
+    (tmp_path / "d" / "run.sh").write_text("#!/bin/sh\n")
+    os.chmod(tmp_path / "d" / "w.safetensors", 0o600)
+    os.chmod(tmp_path / "d" / "run.sh", 0o700)
+    old = os.umask(0o077)
+    try:
+        widen_to_umask(tmp_path / "d")  # a private umask: nothing changes
+        assert (mode(tmp_path / "d"), mode(tmp_path / "d" / "w.safetensors")) == (0o700, 0o600)
+        os.umask(0o022)
+        widen_to_umask(tmp_path / "d")
+    finally:
+        os.umask(old)
+    assert (mode(tmp_path / "d"), mode(tmp_path / "d" / "w.safetensors")) == (0o755, 0o644)
+    assert mode(tmp_path / "d" / "run.sh") == 0o744  # widened like any file, its owner bits kept

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distill.files import widen_to_umask
+
 CKPT_RE = re.compile(r"^step_(\d{9})$")
 META = "meta.json"
 
@@ -94,6 +96,7 @@ def finalize(output_dir: str | Path, step: int, meta: dict[str, Any], keep_last:
     tmp = temp_dir(output_dir, step)
     (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
     final = checkpoint_root(output_dir) / checkpoint_name(step)
+    widen_to_umask(tmp)
     if final.exists():  # a checkpoint of the same step (e.g. written again after a resume) is replaced
         shutil.rmtree(final)
     tmp.rename(final)

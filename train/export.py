@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from distill.files import widen_to_umask
 from distill.sampling import out_folder_problem
 from distill.teachers import export_scheduler, pipeline_folder_problem
 
@@ -28,6 +29,7 @@ def export_pipeline(teacher_path: Path, tcfg: Any, student: torch.nn.Module, out
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write(teacher_path, tcfg, student, tmp)
+        widen_to_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
