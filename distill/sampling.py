@@ -325,7 +325,10 @@ def resolve_settings(
 
 
 def read_prompts(name_or_path: str | Path, limit: int | None = None) -> list[str]:
-    """Prompts from a shipped set ("smoke", "eval") or a text file: one per line, '#' lines and blanks skipped."""
+    """Prompts from a shipped set ("smoke", "eval") or a text file: one per line, '#' lines and blanks skipped; the
+    first `limit` (at least 1) when given."""
+    if limit is not None and limit < 1:
+        raise SettingsError(f"max_prompts must be at least 1, not {limit} (leave it unset for all)")
     if str(name_or_path) in PROMPT_SETS:
         text = resources.files("distill").joinpath(f"prompts/{name_or_path}.txt").read_text()
     else:

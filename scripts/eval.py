@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SettingsError("out_dir is empty: give the folder for the report and images")
     if problem := out_folder_problem("out_dir", cfg.out_dir):
         raise SettingsError(problem)
-    read_prompts(cfg.prompts)  # a wrong prompt set is said before any model loads
+    read_prompts(cfg.prompts, cfg.max_prompts)  # a wrong prompt set or count is said before any model loads
     hps, note = load_hpsv2(cfg.hpsv2_checkpoint, pick_device(cfg.device))
     report = run_eval(cfg, scorers=[hps] if hps else [], notes=[note] if note else [])
     for line in report["notes"]:

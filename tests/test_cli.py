@@ -13,6 +13,8 @@ import pytest
     ("sample", ["--source", "{tiny}", "--prompts", "{tmp}/prompts.txt"],
      "prompts.txt: neither a shipped set (smoke, eval) nor a readable text file (No such file or directory)"),
     ("eval", ["student={tiny}", "prompts=evall"], "prompts evall: neither a shipped set (smoke, eval)"),
+    ("eval", ["student={tiny}", "max_prompts=0"], "max_prompts must be at least 1, not 0"),
+    ("sample", ["--source", "{tiny}", "--prompts", "smoke", "--max-prompts", "-1"], "max_prompts must be at least 1"),
     ("sample", ["--source", "{tiny}", "--prompt", "a", "--device", "cuda:7"], "device='cuda:7': this machine has"),
     ("eval", ["student={tiny}", "device=gpu"], "device='gpu' is not a device name"),
     ("eval", ["student={tmp}/nope"], "is neither a pipeline folder"),

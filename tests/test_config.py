@@ -48,6 +48,9 @@ def test_lightning_sampler_settings():
     (["train.max_steps=abc"], "train.max_steps"),
     (["distill.w_feat=heavy"], "distill.w_feat"),
     (["student=koala_2b"], "student/koala_2b"),
+    (["--max_steps", "5"], "--max_steps: unknown option; settings are key=value overrides"),  # was a lexer error
+    (["train.max_steps", "5"], "'train.max_steps' has no '='"),
+    (["hydra.run.dir=/x"], "hydra.* settings do not apply here"),  # was silently ignored
 ])
 def test_bad_override_is_one_line_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as info:

@@ -138,6 +138,14 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
     Raises ConfigError (one line naming the key) on an unknown key, a wrong type or a missing group option.
     """
     _register_schema()
+    for o in overrides or []:
+        if o.startswith("-"):
+            raise ConfigError(f"{o}: unknown option; settings are key=value overrides, e.g. train.max_steps=5 "
+                              "(--help lists the groups)")
+        if "=" not in o and not o.startswith("~"):
+            raise ConfigError(f"{o!r} has no '=': settings are key=value overrides, e.g. train.max_steps=5")
+        if o.startswith(("hydra.", "+hydra.", "++hydra.")):
+            raise ConfigError(f"{o}: hydra.* settings do not apply here (the run writes into train.output_dir)")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
