@@ -256,6 +256,11 @@ def load_source(
         family = family or infer_family(path)
         defaults = replace(family_settings(family, path), timestep_spacing=None)
         loaded = LoadedSource(pipe, "pipeline", path, family, defaults, "unet")
+    elif not path.exists():
+        raise SourceError(f"{path} does not exist (give an exported pipeline folder or a checkpoint folder)")
+    elif (path / "checkpoints").is_dir() or (path / "export").is_dir():
+        raise SourceError(f"{path} is a run folder: give its export ({path / 'export'}) or one of its checkpoints "
+                          f"({path / 'checkpoints'}/step_N)")
     else:
         raise SourceError(
             f"{path} is neither a pipeline folder (model_index.json) nor a checkpoint folder (meta.json + student/)"

@@ -9,7 +9,8 @@ import pytest
 
 
 @pytest.mark.parametrize("script, argv, needle", [
-    ("sample", ["--source", "{tmp}/nope", "--prompt", "a cat"], "is neither a pipeline folder"),
+    ("sample", ["--source", "{tmp}/nope", "--prompt", "a cat"], "nope does not exist"),
+    ("sample", ["--source", "{tmp}", "--prompt", "a cat"], "is neither a pipeline folder"),
     ("sample", ["--source", "{tiny}", "--prompts", "{tmp}/prompts.txt"],
      "prompts.txt: neither a shipped set (smoke, eval) nor a readable text file (No such file or directory)"),
     ("eval", ["student={tiny}", "prompts=evall"], "prompts evall: neither a shipped set (smoke, eval)"),
@@ -17,7 +18,7 @@ import pytest
     ("sample", ["--source", "{tiny}", "--prompts", "smoke", "--max-prompts", "-1"], "max_prompts must be at least 1"),
     ("sample", ["--source", "{tiny}", "--prompt", "a", "--device", "cuda:7"], "device='cuda:7': this machine has"),
     ("eval", ["student={tiny}", "device=gpu"], "device='gpu' is not a device name"),
-    ("eval", ["student={tmp}/nope"], "is neither a pipeline folder"),
+    ("eval", ["student={tmp}/nope"], "nope does not exist"),
     ("eval", ["student={tiny}", "nonsense=1"], "Key 'nonsense' not in 'EvalConfig'"),
     ("prep_data", ["--src", "{tmp}/nope", "--out", "{tmp}/out"], "does not exist"),
     ("prep_data", ["--src", "{tiny}/vae/diffusion_pytorch_model.safetensors", "--out", "{tmp}/out"],

@@ -129,6 +129,7 @@ def test_teacher_folder_is_checked_for_the_parts_the_run_loads(skip, overrides, 
     (["teacher.timesteps=random"], "teacher.timesteps"),
     (["data.shards='/nonexistent/{0..3}.tar'"], "data.shards"),
     (["data.resampled=false", "data.num_workers=8"], "re-shard"),
+    (["data.num_workers=-1"], "data.num_workers must be >= 0, got -1"),  # no longer filed under data.shards
     (["student=custom", "student.layers_per_block=[1,1,1]", "student.transformer_layers_per_block=[1,2,9]",
       "student.mid_block=true"], "transformer depth 9"),
 ])

@@ -447,6 +447,9 @@ def _check_data(cfg: DictConfig, world_size: int) -> None:
 
     try:
         validate_config(to_data_config(cfg.data))
+    except ValueError as exc:  # its messages name the data.* key
+        raise ConfigError(str(exc).splitlines()[0]) from exc
+    try:
         shards = expand_shards(cfg.data.shards)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"data.shards={cfg.data.shards}: {str(exc).splitlines()[0]}") from exc

@@ -104,7 +104,8 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, weights: str
     hint = ("give the teacher's local diffusers folder with --teacher-path (its text encoders, tokenizers and VAE "
             "are copied)")
     if not teacher.is_dir():
-        raise ExportError(f"the teacher pipeline folder {teacher} is not there: {hint}")
+        what = "is a file, not a folder" if teacher.exists() else "is not there"
+        raise ExportError(f"the teacher pipeline folder {teacher} {what}: {hint}")
     if problem := pipeline_folder_problem(teacher, unet=False, vae=not tcfg.get("vae_path")):
         raise ExportError(f"the teacher pipeline folder {teacher} {problem}; {hint}")
     _check_target(Path(out_dir), ckpt, teacher)
