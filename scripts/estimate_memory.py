@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]
                    help="find the largest micro-batch whose planned peak fits in GIB (a few estimates)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +experiment=koala_1b")
     a = p.parse_args(argv)
+    if a.fit is not None and a.fit <= 0:
+        p.error(f"--fit {a.fit}: the budget is a GPU's memory in GiB, more than 0")
+    if a.world_size < 1:
+        p.error(f"--world-size {a.world_size}: at least 1 process")
     if a.anchor:
         out: Any = anchor_estimates(a.anchor)
         for rec in out:
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]
             fitting = [t for t in tried if t["micro_batch"] == best]
             if fitting:
                 result["estimate"] = fitting[0]
+            elif tried:
+                smallest = min(tried, key=lambda t: t["micro_batch"])
+                result["note"] = (f"nothing fits: micro-batch {smallest['micro_batch']} already plans "
+                                  f"{smallest['plan_gib']} GiB against {a.fit}")
             print(json.dumps(result), flush=True)
             return result
         cfg = load_config(list(a.overrides))

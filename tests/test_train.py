@@ -79,12 +79,16 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
         flag.uninstall()
 
 
-def test_a_stop_file_older_than_the_run_is_ignored(tmp_path, demo_shards, tiny_pipeline_dir):
-    """A STOP left in the folder before the run stopped it after its first step; now only a new one does."""
+def test_a_stop_file_older_than_the_run_is_ignored(tmp_path, demo_shards, tiny_pipeline_dir, capsys):
+    """A STOP left in the folder before the run stopped it after its first step; now only a new one does (and the
+    run says it ignores the old one). Each checkpoint written is one line."""
     tmp_path.joinpath("STOP").touch()
     _, summary = run_cfg(tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, "train.max_steps=3",
                                   "train.checkpoint_every=0", "train.ema=false"))
     assert summary["steps"] == 3 and not summary["preempted"]
+    out = capsys.readouterr().out
+    assert "STOP is older than this run and is ignored" in out
+    assert f"checkpoint written: {tmp_path / 'checkpoints' / 'step_000000003'}" in out
 
 
 def _state(run):

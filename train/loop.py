@@ -394,6 +394,9 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
             ds_plugin.deepspeed_config["bf16"].setdefault("check_grad_overflow", True)
     main = accelerator.is_main_process
     say = accelerator.print
+    if accelerator.device.type == "cpu" and tr.mixed_precision == "fp16":
+        say("warning: train.mixed_precision=fp16 has no effect on the CPU (Accelerate autocasts fp16 on GPUs only): "
+            "this run computes in fp32; bf16 works on both")
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -736,7 +739,9 @@ def train(run: Run) -> dict[str, Any]:
             every = cfg.train.checkpoint_every
             stop = _should_stop(run)
             if (every and st.step % every == 0) or stop or st.step == cfg.train.max_steps:
-                save_checkpoint(run)
+                written = save_checkpoint(run)
+                if not stop:  # a stop says so in its own line
+                    _progress_note(run, f"checkpoint written: {written}")
             if stop:
                 preempted = True
                 if acc.is_main_process and run.stop.file is not None:
@@ -778,6 +783,15 @@ def train(run: Run) -> dict[str, Any]:
     acc.wait_for_everyone()
     acc.end_training()
     return summary
+
+
+def _progress_note(run: Run, text: str) -> None:
+    """One line on the main process, above the progress bar when there is one (the bar stays intact)."""
+    bar = next((cb.bar for cb in run.callbacks if isinstance(cb, ScalarLogger) and cb.bar is not None), None)
+    if bar is not None:
+        bar.write(text)
+    else:
+        run.accelerator.print(text)
 
 
 _KD_WINDOW = 20  # steps averaged for the demo's first/last KD loss

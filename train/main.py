@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return 4
     if run.accelerator.is_main_process:
         wandb_dir = Path(cfg.train.output_dir) / "wandb"
-        summary["wandb_dir"] = str(wandb_dir) if wandb_dir.exists() else None
+        logged = cfg.tracking.wandb and cfg.tracking.mode != "disabled"  # not a folder an earlier run left
+        summary["wandb_dir"] = str(wandb_dir) if logged and wandb_dir.exists() else None
         print(json.dumps(summary), flush=True)
     return 0
 
