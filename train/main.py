@@ -32,10 +32,11 @@ def follow_launcher() -> bool:
     import ctypes
     import signal
 
+    parent = os.getppid()  # may be 1 in a container whose first process is the launcher
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
         return False
-    if os.getppid() == 1:  # the launcher died before the request: act on it now
+    if os.getppid() != parent:  # the launcher died before the request (this process was re-parented): act now
         os.kill(os.getpid(), signal.SIGTERM)
     return True
 
