@@ -92,12 +92,20 @@ def sdxl_layout(tmp_path_factory):
     # with teacher.unet_file, the folder's U-Net gives the config only
     (("unet/diffusion_pytorch_model.safetensors", "model_index.json"), ["train.export=false", "teacher.unet_file=F"],
      "F cannot be read as safetensors"),  # the folder passed; the file's own check came next
+    # a KOALA-1B export as an SDXL-Base teacher: the student would distill from a student
+    ((), ["KOALA"], "transformer_layers_per_block [1, 2, 6] (SDXL: [1, 2, 10])): a sdxl_base teacher is an SDXL"),
 ])
 def test_teacher_folder_is_checked_for_the_parts_the_run_loads(skip, overrides, needle, tmp_path):
     """An existing teacher.path without the pipeline's files was a diffusers traceback after the run folder was
     made; now it is one line naming what is missing. None: the folder passes and the next check (data.shards,
     unset here) speaks."""
     folder = _sdxl_layout(tmp_path / "sdxl", skip)
+    if overrides == ["KOALA"]:
+        from distill.students import STUDENTS, derive_student_config, sdxl_base_unet_config
+
+        koala = derive_student_config(sdxl_base_unet_config(), STUDENTS["koala_1b"])
+        (folder / "unet" / "config.json").write_text(json.dumps(koala))
+        overrides = []
     (tmp_path / "F").write_text("not safetensors")
     overrides = [o.replace("=F", f"={tmp_path / 'F'}") for o in overrides]
     cfg = load_config(["+experiment=koala_1b", f"teacher.path={folder}", *overrides])

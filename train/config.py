@@ -539,6 +539,16 @@ def _check_pipeline_folder(cfg: DictConfig) -> None:
                                       text=decodes, index=tr.export)
     if problem:
         raise ConfigError(f"teacher.path={t.path} {problem}")
+    if t.name != "tiny":  # SDXL-Base, -Turbo and -Lightning share SDXL's U-Net layout; a KOALA export does not
+        from distill.students import sdxl_base_unet_config
+        from distill.teachers import teacher_unet_config
+
+        found, sdxl = teacher_unet_config(t), sdxl_base_unet_config()
+        keys = ("block_out_channels", "layers_per_block", "transformer_layers_per_block", "cross_attention_dim")
+        differ = [f"{k} {found.get(k)} (SDXL: {sdxl[k]})" for k in keys if found.get(k) != sdxl[k]]
+        if differ:
+            raise ConfigError(f"teacher.path={t.path}: its U-Net is not SDXL's ({'; '.join(differ)}): a "
+                              f"{t.name} teacher is an SDXL-family pipeline, not a student export or another model")
 
 
 def _check_unet_file(t: DictConfig) -> None:
