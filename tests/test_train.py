@@ -48,16 +48,18 @@ def test_thirty_steps_lower_the_kd_loss(tmp_path, demo_shards, tiny_pipeline_dir
     assert summary["samples"] and (tmp_path / "run" / "samples").is_dir()
 
 
-def test_a_resume_with_another_accumulation_syncs_on_the_last_micro_batch(tmp_path, demo_shards, tiny_pipeline_dir):
+def test_a_resume_with_another_accumulation_syncs_on_the_last_micro_batch(tmp_path, demo_shards, tiny_pipeline_dir,
+                                                                          capsys):
     """Accelerate's load_state restores its micro-batch counter (1 after one step of 1 micro-batch). Resumed with 2
     micro-batches per step, the update came after the first and the second's gradients were left behind; now each
-    step ends with the update and no gradient left."""
+    step ends with the update and no gradient left. The change of global batch is said."""
     common = ("train.checkpoint_every=1", "train.ema=false")
     run_cfg(tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, *common, "train.max_steps=1"))
     run, summary = run_cfg(tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, *common, "train.max_steps=2",
                                     "train.global_batch_size=4", "train.resume=latest"))
     assert run.accum == 2 and summary["steps"] == 2
     assert all(p.grad is None for p in run.student.parameters())
+    assert "the global batch changes from 2 to 4 images per optimizer step at step 1" in capsys.readouterr().out
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):

@@ -442,6 +442,10 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
         accelerator.step = 0
         data_state = _resume_data_state(cfg, resume_from, accelerator.process_index, world, say)
         say(f"resumed from {resume_from} at step {state.step} ({state.samples_seen} samples seen)")
+        saved = ((ckpt.read_meta(resume_from).get("config") or {}).get("train") or {}).get("global_batch_size")
+        if saved is not None and saved != tr.global_batch_size:
+            say(f"note: the global batch changes from {saved} to {tr.global_batch_size} images per optimizer step "
+                f"at step {state.step} ({accum} accumulation step(s) of {world} x {tr.micro_batch_size})")
         if state.step >= tr.max_steps:
             say(f"step {state.step} is already at train.max_steps={tr.max_steps}: nothing to train (raise "
                 "train.max_steps to go on); the run only ends as a finished one would (final grid, export)")
