@@ -36,7 +36,8 @@ def teacher_pipeline_dir(tcfg: Any) -> Path:
     return build_tiny_pipeline(default_tiny_pipeline_dir())
 
 
-def _has_weights(folder: Path) -> bool:
+def has_weights(folder: Path) -> bool:
+    """Whether a model folder holds weight files (.safetensors or .bin)."""
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
@@ -62,7 +63,7 @@ def pipeline_folder_problem(folder: str | Path, *, unet: bool = True, unet_weigh
                 missing.append(f"{sub}/")
         elif not (d / "config.json").is_file():
             missing.append(f"{sub}/config.json")
-        elif weights and not _has_weights(d):
+        elif weights and not has_weights(d):
             missing.append(f"{sub}/ weights")
     if not missing:
         return None

@@ -243,15 +243,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         if not re.fullmatch(r"(DW|UP)-\d+|Mid", stage):
             raise ConfigError(f"train.checkpointing_blocks: {stage!r} is not a stage name like DW-1, Mid or UP-3")
     _check_student(cfg)
-    if tr.micro_batch_size < 1 or tr.global_batch_size < 1:
-        raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size} and train.global_batch_size="
-                          f"{tr.global_batch_size}: both are images and must be at least 1")
-    per_step = world_size * tr.micro_batch_size
-    if tr.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={tr.global_batch_size} is not divisible by processes x micro_batch_size "
-            f"= {world_size} x {tr.micro_batch_size}"
-        )
+    grad_accum_steps(cfg, world_size)  # the batch split: one line when it does not divide
     t = cfg.teacher
     if t.random_init:
         if cfg.data.kind != "latents":
@@ -278,8 +270,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(f"teacher.unet_file={t.unet_file} does not exist (a .safetensors U-Net file)")
     if t.vae_path and not Path(t.vae_path).is_dir():
         raise ConfigError(f"teacher.vae_path={t.vae_path} does not exist (a diffusers VAE folder)")
-    if t.vae_path and not ((Path(t.vae_path) / "config.json").is_file() and any(
-            f.suffix in (".safetensors", ".bin") for f in Path(t.vae_path).iterdir())):
+    from distill.teachers import has_weights
+
+    if t.vae_path and not ((Path(t.vae_path) / "config.json").is_file() and has_weights(Path(t.vae_path))):
         raise ConfigError(f"teacher.vae_path={t.vae_path} is not a diffusers VAE folder: it needs config.json and "
                           "its weights (e.g. diffusion_pytorch_model.safetensors)")
     if t.path and not t.random_init:
@@ -436,8 +429,18 @@ def data_resume_refusal(ckpt_dir: Path, changes: dict[str, tuple], epoch: int) -
 
 
 def grad_accum_steps(cfg: DictConfig, world_size: int) -> int:
-    """Micro-batches accumulated per optimizer step so that the global batch holds for any process count."""
-    return cfg.train.global_batch_size // (world_size * cfg.train.micro_batch_size)
+    """Micro-batches accumulated per optimizer step so that the global batch holds for any process count; a
+    ConfigError when the global batch does not divide into processes x micro-batches."""
+    tr = cfg.train
+    if tr.micro_batch_size < 1 or tr.global_batch_size < 1:
+        raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size} and train.global_batch_size="
+                          f"{tr.global_batch_size}: both are images and must be at least 1")
+    if tr.global_batch_size % (world_size * tr.micro_batch_size):
+        raise ConfigError(
+            f"train.global_batch_size={tr.global_batch_size} is not divisible by processes x micro_batch_size "
+            f"= {world_size} x {tr.micro_batch_size}"
+        )
+    return tr.global_batch_size // (world_size * tr.micro_batch_size)
 
 
 def _check_data(cfg: DictConfig, world_size: int) -> None:

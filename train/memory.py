@@ -136,10 +136,6 @@ def estimate_memory(cfg: Any, *, world_size: int = 1, optimizer_steps: int = 2) 
     from train.config import grad_accum_steps
 
     tr, s = cfg.train, cfg.student
-    if world_size < 1 or tr.micro_batch_size < 1 or tr.global_batch_size % (world_size * tr.micro_batch_size):
-        raise ValueError(f"train.global_batch_size={tr.global_batch_size} is not divisible by processes x "
-                         f"micro_batch_size = {world_size} x {tr.micro_batch_size} (both at least 1): the run would "
-                         "refuse this layout")
     t_config = teacher_unet_config(cfg.teacher)
     s_config = derive_student_config(t_config, resolve_spec(s.name, s.layers_per_block,
                                                             s.transformer_layers_per_block, s.mid_block))
