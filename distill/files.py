@@ -32,3 +32,15 @@ def widen_to_umask(folder: str | Path) -> None:
             wanted = mode | (full & ~mask)
             if wanted != mode and not os.path.islink(path):
                 os.chmod(path, wanted)
+
+
+def out_folder_problem(flag: str, path: str) -> str | None:
+    """None when `path` is, or can be made as, a folder; else one line saying why not (checked before any work,
+    so that a long sampling run does not end on a mkdir error)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        return f"{flag} {path} is a file: give a folder"
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        return f"{flag} {path}: {above} is a file, so no folder can be made there"
+    return None

@@ -72,18 +72,6 @@ class SettingsError(ValueError):
     """Sampler settings a pipeline cannot run (one line naming the setting)."""
 
 
-def out_folder_problem(flag: str, path: str) -> str | None:
-    """None when `path` is, or can be made as, a folder; else one line saying why not (checked before any work,
-    so that a long sampling run does not end on a mkdir error)."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        return f"{flag} {path} is a file: give a folder"
-    above = next((p for p in out.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        return f"{flag} {path}: {above} is a file, so no folder can be made there"
-    return None
-
-
 def check_settings(*, steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
                    width: int | None = None, batch_size: int | None = None) -> None:
     """Raise SettingsError for settings SDXL pipelines cannot run: fewer than 1 step or image per batch, a negative

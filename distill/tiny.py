@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from distill.files import widen_to_umask
 from distill.students import sdxl_base_unet_config
-from distill.teachers import SDXL_SCHEDULER_CONFIG
+from distill.teachers import SDXL_SCHEDULER_CONFIG, pipeline_folder_problem
 
 TINY_DIR_ENV = "KOALA_TINY_DIR"  # overrides default_tiny_pipeline_dir()
 TEXT_HIDDEN = 32  # width of each tiny text encoder; the U-Net's cross-attention sees both, concatenated
@@ -45,11 +45,6 @@ N_MERGES = 400  # BPE merges learned from _MERGE_CORPUS (more merges: shorter to
 # for seeds 0-3), so the factor is 1.0. The random encoder's posterior std is about 1 and dominates: the
 # posterior means alone have std 0.21-0.29. tests/test_tiny_pipeline.py re-measures it.
 VAE_SCALING_FACTOR = 1.0
-
-_PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-
-# SDXL-Base-1.0's scheduler config (stabilityai/stable-diffusion-xl-base-1.0,
-# scheduler/scheduler_config.json).
 
 # Common caption English; the tokenizer's merges are learned from it so captions need fewer tokens.
 _MERGE_CORPUS = """
@@ -92,16 +87,8 @@ def default_tiny_pipeline_dir() -> Path:
 
 
 def is_complete_pipeline(folder: str | Path) -> bool:
-    """True when `folder` holds model_index.json and every SDXL component's config/weights."""
-    folder = Path(folder)
-    if not (folder / "model_index.json").is_file():
-        return False
-    for part in _PIPELINE_PARTS:
-        d = folder / part
-        if not d.is_dir() or not any(d.iterdir()):
-            return False
-    models = ("unet", "vae", "text_encoder", "text_encoder_2")
-    return all(any((folder / m).glob("*.safetensors")) for m in models)
+    """True when `folder` holds model_index.json and every SDXL component's config and weights."""
+    return pipeline_folder_problem(folder) is None
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer

@@ -17,8 +17,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distill.evaluation import EvalConfig, run_eval
+from distill.files import out_folder_problem
 from distill.metrics import Hpsv2Scorer
-from distill.sampling import SettingsError, SourceError, out_folder_problem, pick_device, read_prompts
+from distill.sampling import SettingsError, SourceError, pick_device, read_prompts
 from scripts import cli
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml"

@@ -10,7 +10,7 @@ import argparse
 
 from data.demo import build_demo_shards
 from data.prep import report_lines
-from distill.sampling import out_folder_problem
+from distill.files import out_folder_problem
 
 
 def main(argv: list[str] | None = None) -> None:

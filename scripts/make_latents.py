@@ -15,7 +15,7 @@ from pathlib import Path
 
 from data.config import DataConfig
 from data.latents import make_latents, native_resolution
-from distill.sampling import out_folder_problem
+from distill.files import out_folder_problem
 from distill.teachers import pipeline_folder_problem
 from scripts import cli
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from distill.sampling import out_folder_problem
+from distill.files import out_folder_problem
 from distill.tiny import build_tiny_pipeline, default_tiny_pipeline_dir
 
 

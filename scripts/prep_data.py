@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from data.prep import PrepOptions, prep_shards, report_lines
+from distill.files import out_folder_problem
 from scripts import cli
 
 
@@ -37,9 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--format manifest: --src {args.src} is a folder; a manifest is a .parquet or .jsonl file")
     if args.format in ("folder", "img2dataset") and src.is_file():
         parser.error(f"--format {args.format}: --src {args.src} is a file; give the folder")
-    if out := next((p for p in (Path(args.out), *Path(args.out).absolute().parents) if p.exists()), None):
-        if not out.is_dir():
-            parser.error(f"--out {args.out}: {out} is a file, not a folder")
+    if problem := out_folder_problem("--out", args.out):
+        parser.error(problem)
     opts = PrepOptions(
         samples_per_shard=args.samples_per_shard,
         min_side=args.min_side,

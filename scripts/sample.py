@@ -12,13 +12,13 @@ import argparse
 import json
 import sys
 
+from distill.files import out_folder_problem
 from distill.sampling import (
     DTYPES,
     SAMPLER_DEFAULTS,
     SettingsError,
     SourceError,
     check_settings,
-    out_folder_problem,
     read_prompts,
     sample,
 )

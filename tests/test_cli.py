@@ -49,7 +49,7 @@ def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tin
     ("bench_infer", ["--unet", "koala_1b={tmp}/nope"], "--unet koala_1b={tmp}/nope is not a local folder"),
     ("bench_infer", ["--vae", "{tmp}/nope"], "--vae {tmp}/nope is not a local folder"),
     ("bench_data", ["--batches", "0"], "--batches must be at least 1"),
-    ("prep_data", ["--src", "{tmp}", "--out", "{tiny}/vae/config.json"], "config.json is a file, not a folder"),
+    ("prep_data", ["--src", "{tmp}", "--out", "{tiny}/vae/config.json"], "config.json is a file: give a folder"),
     ("prep_data", ["--src", "{tmp}", "--out", "{tmp}/o", "--format", "manifest"], "--src {tmp} is a folder; a"),
     ("make_latents", ["--pipeline", "{tiny}", "--shards", "x", "--out", "{tiny}/model_index.json"], "is a file"),
     ("make_latents", ["--pipeline", "{tiny}", "--shards", "x", "--out", "{tmp}/o", "--resolution", "60"],

@@ -152,7 +152,7 @@ def test_sample_script_end_to_end(ckpt, tmp_path):
 
 def test_an_output_path_that_cannot_be_a_folder_is_one_line_before_sampling(tmp_path, capsys):
     """sample.py used to sample every prompt and then die on mkdir with a traceback."""
-    from distill.sampling import out_folder_problem
+    from distill.files import out_folder_problem
     from scripts import eval as eval_script
     from scripts import sample as sample_script
 

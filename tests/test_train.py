@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 
 import pytest
 import torch
@@ -83,14 +84,21 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
 
 def test_a_stop_file_older_than_the_run_is_ignored(tmp_path, demo_shards, tiny_pipeline_dir, capsys):
     """A STOP left in the folder before the run stopped it after its first step; now only a new one does (and the
-    run says it ignores the old one). Each checkpoint written is one line."""
+    run says it ignores the old one). Each checkpoint written is one line, its files readable as the umask allows
+    (safetensors writes 0600). fp16 on the CPU computes in fp32, and says so."""
+    from distill.files import process_umask
+
     tmp_path.joinpath("STOP").touch()
     _, summary = run_cfg(tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, "train.max_steps=3",
-                                  "train.checkpoint_every=0", "train.ema=false"))
+                                  "train.checkpoint_every=0", "train.ema=false", "train.mixed_precision=fp16"))
     assert summary["steps"] == 3 and not summary["preempted"]
     out = capsys.readouterr().out
     assert "STOP is older than this run and is ignored" in out
-    assert f"checkpoint written: {tmp_path / 'checkpoints' / 'step_000000003'}" in out
+    ckpt = tmp_path / "checkpoints" / "step_000000003"
+    assert f"checkpoint written: {ckpt}" in out
+    assert "warning: train.mixed_precision=fp16 has no effect on the CPU" in out
+    weights = ckpt / "student" / "diffusion_pytorch_model.safetensors"
+    assert stat.S_IMODE(weights.stat().st_mode) & 0o666 == 0o666 & ~process_umask()
 
 
 def _state(run):
@@ -450,11 +458,15 @@ def test_an_export_that_cannot_be_written_is_one_line_and_the_resume_exports(
     assert checkpoint.latest_checkpoint(out).name == "step_000000002"
 
     reset_accelerate()
+    (out / "wandb").mkdir()  # an earlier run's W&B folder: not this run's (tracking is off)
     code = _main_with_full_disk(out, demo_shards, tiny_pipeline_dir, monkeypatch, None,
                                 "train.export=true", "train.max_steps=2", "train.resume=latest")
     assert code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr().out
+    assert "step 2 is already at train.max_steps=2: nothing to train" in printed
+    summary = json.loads(printed.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["export_dir"] == str(out / "export")
+    assert summary["wandb_dir"] is None
     saved = UNet2DConditionModel.from_pretrained(out / "export" / "unet").state_dict()
     trained = load_file(out / "checkpoints" / "step_000000002" / "student" / "diffusion_pytorch_model.safetensors")
     assert saved.keys() == trained.keys() and all(torch.equal(saved[k], v) for k, v in trained.items())

@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from distill.files import widen_to_umask
-from distill.sampling import out_folder_problem
+from distill.files import out_folder_problem, widen_to_umask
 from distill.teachers import export_scheduler, pipeline_folder_problem
 
 _COPIED = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
