@@ -44,3 +44,57 @@ def out_folder_problem(flag: str, path: str) -> str | None:
     if above is not None and not above.is_dir():
         return f"{flag} {path}: {above} is a file, so no folder can be made there"
     return None
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """None when `path` holds a whole safetensors file, else one line saying why not: its header must be there and
+    parse, and the file must hold every byte range the header names (a truncated copy or download does not).
+    Reads the header only."""
+    import json
+
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if header_len < 2 or 8 + header_len > size:
+            return f"{path.name} is not a whole safetensors file ({size} bytes, no complete header)"
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return f"{path.name} is not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return f"{path.name} is not a safetensors file (its header is not a JSON object)"
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    needed = 8 + header_len + max(ends, default=0)
+    if needed > size:
+        return f"{path.name} is cut short: {size} bytes, its header names {needed} (an interrupted copy or download?)"
+    return None
+
+
+def weights_file_problem(path: str | Path) -> str | None:
+    """None when a weight file looks whole, else one line saying why not, read from its index alone (no tensor is
+    loaded): .safetensors as safetensors_problem; a .bin/.pt/.pkl written by torch.save is a zip whose directory
+    sits at the end, so a truncated one has none. Other files (legacy pickles) are not judged."""
+    import zipfile
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return safetensors_problem(path)
+    if path.suffix in (".bin", ".pt", ".pkl") and path.stat().st_size >= 4:
+        with path.open("rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        if zipped and not zipfile.is_zipfile(path):
+            return (f"{path.name} is cut short: {path.stat().st_size} bytes and no zip directory at its end (an "
+                    "interrupted copy?)")
+    return None
+
+
+def weights_problem(folder: str | Path) -> str | None:
+    """The first weights_file_problem among the weight files directly in `folder` (None when all look whole)."""
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and path.suffix in (".safetensors", ".bin", ".pt"):
+            if problem := weights_file_problem(path):
+                return problem
+    return None

@@ -13,6 +13,7 @@ from the same noise and their images can be compared pixel by pixel.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -77,6 +78,8 @@ def check_settings(*, steps: int | None = None, guidance_scale: float | None = N
     """Raise SettingsError for settings SDXL pipelines cannot run: fewer than 1 step or image per batch, a negative
     guidance scale, or a side (px) that is not a positive multiple of 8. None means the family default."""
     for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("guidance_scale", guidance_scale, 0)):
+        if value is not None and not math.isfinite(value):  # NaN passes `< low` and ended as NaN in the JSON
+            raise SettingsError(f"{name} must be a finite number, not {value}")
         if value is not None and value < low:
             raise SettingsError(f"{name} must be at least {low}, not {value}")
     for name, value in (("height", height), ("width", width)):
@@ -148,7 +151,12 @@ def is_pipeline(path: str | Path) -> bool:
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     """A checkpoint's meta.json, checked for the keys sampling needs."""
-    meta = json.loads((Path(path) / CHECKPOINT_META).read_text())
+    try:
+        meta = json.loads((Path(path) / CHECKPOINT_META).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}/{CHECKPOINT_META} is damaged: not JSON ({exc.__class__.__name__})") from exc
+    if not isinstance(meta, dict):
+        raise SourceError(f"{path}/{CHECKPOINT_META} is damaged: not a JSON object")
     missing = [k for k in ("teacher_path", "teacher_name") if not meta.get(k)]
     if missing:
         raise SourceError(f"{path}/{CHECKPOINT_META} lacks {missing}; it needs teacher_path and teacher_name")
@@ -224,12 +232,33 @@ def load_source(
     checkpoint the teacher's scheduler gets the family's spacing. A float16 VAE with force_upcast is decoded
     in float32 by the pipeline.
     """
-    path = Path(source)
+    from safetensors import SafetensorError
+
+    try:
+        return _load_source(Path(source), family, use_ema, device, dtype, unet_file)
+    except (OSError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # damage that the file checks below do not show (they read names, sizes and headers)
+        first = (str(exc).strip().splitlines() or [""])[0].strip()[:300]
+        raise SourceError(f"{source} cannot be loaded: {type(exc).__name__}: {first}") from exc
+
+
+def _load_source(path: Path, family: str | None, use_ema: bool, device: str | torch.device, dtype: torch.dtype,
+                 unet_file: str | None) -> LoadedSource:
+    from distill.files import weights_problem
+    from distill.teachers import pipeline_folder_problem
+
     if is_checkpoint(path):
         meta = read_checkpoint_meta(path)
         teacher_path = Path(meta["teacher_path"])
         family = family or meta["teacher_name"]
         unet_folder = "student_ema" if use_ema and (path / "student_ema").is_dir() else "student"
+        if damage := weights_problem(path / unet_folder):
+            raise SourceError(f"{path} has a damaged weight file: {unet_folder}/{damage}")
+        if not teacher_path.is_dir():
+            raise SourceError(f"the teacher folder {teacher_path} named in {path}/{CHECKPOINT_META} is not there "
+                              "(its text encoders, VAE and scheduler complete the student's pipeline)")
+        if problem := pipeline_folder_problem(teacher_path, unet=False, index=False):  # the student is the U-Net
+            raise SourceError(f"the teacher folder {teacher_path} named in {path}/{CHECKPOINT_META} {problem}")
         student = UNet2DConditionModel.from_pretrained(path / unet_folder, dtype=dtype)
         pipe = StableDiffusionXLPipeline.from_pretrained(teacher_path, unet=student, dtype=dtype)
         defaults = family_settings(family)
@@ -240,6 +269,8 @@ def load_source(
         loaded = LoadedSource(pipe, "checkpoint", path, family, defaults, unet_folder,
                               step=meta.get("step"), teacher_path=teacher_path)
     elif is_pipeline(path):
+        if problem := pipeline_folder_problem(path):
+            raise SourceError(f"{path} {problem}")
         pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype)
         family = family or infer_family(path)
         defaults = replace(family_settings(family, path), timestep_spacing=None)

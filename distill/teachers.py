@@ -15,6 +15,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from torch import Tensor
 
+from distill.files import safetensors_problem, weights_problem
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -41,12 +43,21 @@ def has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
+def _json_object(path: Path) -> bool:
+    """Whether `path` holds a JSON object (the form of every diffusers config file)."""
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
 def pipeline_folder_problem(folder: str | Path, *, unet: bool = True, unet_weights: bool = True,
                             vae: bool = True, text: bool = True, index: bool = True, scheduler: bool = True
                             ) -> str | None:
     """What a diffusers SDXL pipeline folder lacks for the parts asked for (None when nothing): model_index.json,
     scheduler/, unet/ config (and weights unless `unet_weights` is False, for a U-Net read from a file), vae/,
-    both text encoders and tokenizers. Looks at file names only; nothing is loaded."""
+    both text encoders and tokenizers; else the first config file that is not JSON or weight file that is cut
+    short (files.weights_problem reads their headers; nothing is loaded)."""
     folder = Path(folder)
     wanted: list[tuple[str, bool]] = [("unet", unet_weights)] if unet else []  # (sub-folder, needs weights)
     if vae:
@@ -54,6 +65,7 @@ def pipeline_folder_problem(folder: str | Path, *, unet: bool = True, unet_weigh
     if text:
         wanted += [("text_encoder", True), ("text_encoder_2", True), ("tokenizer", False), ("tokenizer_2", False)]
     missing = [] if not index or (folder / "model_index.json").is_file() else ["model_index.json"]
+    damaged: str | None = None
     if scheduler and not (folder / "scheduler" / "scheduler_config.json").is_file():
         missing.append("scheduler/scheduler_config.json")
     for sub, weights in wanted:
@@ -65,14 +77,22 @@ def pipeline_folder_problem(folder: str | Path, *, unet: bool = True, unet_weigh
             missing.append(f"{sub}/config.json")
         elif weights and not has_weights(d):
             missing.append(f"{sub}/ weights")
+        elif weights and not damaged and (damage := weights_problem(d)):
+            damaged = f"has a damaged weight file: {sub}/{damage}"
     if not missing:
-        return None
+        configs = ["model_index.json"] * index + ["scheduler/scheduler_config.json"] * scheduler + [
+            f"{sub}/config.json" for sub, _ in wanted if not sub.startswith("tokenizer")]
+        return next((f"has a damaged {c}: not a JSON object" for c in configs if not _json_object(folder / c)),
+                    damaged)
     return f"lacks {', '.join(missing)}: it is not a diffusers SDXL pipeline folder (the save_pretrained layout)"
 
 
 def teacher_unet_config(tcfg: Any) -> dict[str, Any]:
-    """The teacher U-Net's config without loading weights: the folder's, else the shipped one named in config."""
+    """The teacher U-Net's config without loading weights: the folder's, else the shipped one named in config.
+    Raises TeacherError when the folder's is not JSON."""
     if tcfg.path and (Path(tcfg.path) / "unet" / "config.json").is_file():
+        if not _json_object(Path(tcfg.path) / "unet" / "config.json"):
+            raise TeacherError(f"teacher.path={tcfg.path} has a damaged unet/config.json: not a JSON object")
         raw = json.loads((Path(tcfg.path) / "unet" / "config.json").read_text())
         return {k: v for k, v in raw.items() if not k.startswith("_")}
     if tcfg.unet_config == "tiny":
@@ -107,6 +127,8 @@ def _unet_file_header(unet_file: str | Path) -> dict[str, tuple[int, ...]]:
     """name -> shape of every tensor in a safetensors file (its header only). Raises TeacherError."""
     from safetensors import SafetensorError, safe_open
 
+    if Path(unet_file).is_file() and (damage := safetensors_problem(unet_file)):
+        raise TeacherError(f"teacher.unet_file={unet_file}: {damage}")
     try:
         with safe_open(str(unet_file), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -221,7 +243,20 @@ def load_teacher(
     """
     if tcfg.random_init:
         return random_teacher(tcfg, device=device, dtype=unet_dtype)
+    from safetensors import SafetensorError
+
     path = teacher_pipeline_dir(tcfg)
+    try:
+        return _load_parts(tcfg, path, device, with_vae, with_text, vae_dtype, text_dtype, unet_dtype)
+    except (OSError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # a file damaged in a way its header does not show (the config checks read headers and sizes only)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TeacherError(f"teacher.path={path} cannot be loaded: {type(exc).__name__}: {first}") from exc
+
+
+def _load_parts(tcfg: Any, path: Path, device: torch.device | str, with_vae: bool, with_text: bool,
+                vae_dtype: torch.dtype, text_dtype: torch.dtype | None, unet_dtype: torch.dtype | None
+                ) -> TeacherBundle:
     unet = load_teacher_unet(tcfg, path, device, dtype=unet_dtype)
     sched_cfg = DDPMScheduler.load_config(str(path), subfolder="scheduler")
     noise_scheduler = DDPMScheduler.from_config(

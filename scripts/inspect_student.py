@@ -28,7 +28,7 @@ def inspect(overrides: list[str]) -> dict:
         resolve_spec,
         summarize_mapping,
     )
-    from distill.teachers import teacher_unet_config
+    from distill.teachers import TeacherError, teacher_unet_config
 
     cfg = load_config(overrides)
     s = cfg.student
@@ -40,6 +40,8 @@ def inspect(overrides: list[str]) -> dict:
         mapping = init_student_from_teacher(student, teacher, copy_values=False)
     except StudentSpecError as exc:
         raise ConfigError(f"student: {exc}") from exc
+    except TeacherError as exc:
+        raise ConfigError(str(exc)) from exc
     print(format_stage_tables(teacher, student))
     print("initialisation map (every student tensor has a same-shaped teacher source):")
     print("  " + "\n  ".join(summarize_mapping(mapping)))

@@ -46,6 +46,7 @@ def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tin
      "tokenizer_2/: it is not"),
     ("sample", ["--source", "{tiny}", "--prompt", "a", "--width", "12"], "width must be a positive multiple of 8"),
     ("sample", ["--source", "{tiny}", "--prompt", "a", "--steps", "0"], "steps must be at least 1"),
+    ("sample", ["--source", "{tiny}", "--prompt", "a", "--guidance", "nan"], "guidance_scale must be a finite number"),
     ("bench_infer", ["--unet", "koala_1b={tmp}/nope"], "--unet koala_1b={tmp}/nope is not a local folder"),
     ("bench_infer", ["--vae", "{tmp}/nope"], "--vae {tmp}/nope is not a local folder"),
     ("bench_data", ["--batches", "0"], "--batches must be at least 1"),

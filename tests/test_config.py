@@ -62,18 +62,25 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
 def _sdxl_layout(folder: Path, skip: tuple[str, ...] = ()) -> Path:
     """The file names of an SDXL diffusers folder, with empty files (what the config check looks at), and the
     SDXL-Base U-Net config, so that the KOALA students derive from it. `skip`: relative paths left out."""
+    from safetensors.torch import save
+
     from distill.students import sdxl_base_unet_config
 
+    weights = save({"w": torch.zeros(2)})  # a whole safetensors file (the check reads headers and sizes)
     files = {"model_index.json": "{}", "scheduler/scheduler_config.json": "{}",
-             "unet/config.json": json.dumps(sdxl_base_unet_config()), "unet/diffusion_pytorch_model.safetensors": "",
-             "vae/config.json": "{}", "vae/diffusion_pytorch_model.safetensors": "",
-             "text_encoder/config.json": "{}", "text_encoder/model.safetensors": "",
-             "text_encoder_2/config.json": "{}", "text_encoder_2/model.safetensors": "",
+             "unet/config.json": json.dumps(sdxl_base_unet_config()),
+             "unet/diffusion_pytorch_model.safetensors": weights,
+             "vae/config.json": "{}", "vae/diffusion_pytorch_model.safetensors": weights,
+             "text_encoder/config.json": "{}", "text_encoder/model.safetensors": weights,
+             "text_encoder_2/config.json": "{}", "text_encoder_2/model.safetensors": weights,
              "tokenizer/vocab.json": "{}", "tokenizer_2/vocab.json": "{}"}
-    for rel, text in files.items():
+    for rel, content in files.items():
         if rel not in skip:
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            (folder / rel).write_text(text)
+            if isinstance(content, bytes):
+                (folder / rel).write_bytes(content)
+            else:
+                (folder / rel).write_text(content)
     return folder
 
 
@@ -91,7 +98,7 @@ def sdxl_layout(tmp_path_factory):
     (("vae/config.json",), ["data.kind=latents", "train.sample_at_end=false"], "lacks vae/config.json"),
     # with teacher.unet_file, the folder's U-Net gives the config only
     (("unet/diffusion_pytorch_model.safetensors", "model_index.json"), ["train.export=false", "teacher.unet_file=F"],
-     "F cannot be read as safetensors"),  # the folder passed; the file's own check came next
+     "F: F is not a whole safetensors file"),  # the folder passed; the file's own check came next
     # a KOALA-1B export as an SDXL-Base teacher: the student would distill from a student
     ((), ["KOALA"], "transformer_layers_per_block [1, 2, 6] (SDXL: [1, 2, 10])): a sdxl_base teacher is an SDXL"),
 ])
@@ -114,6 +121,28 @@ def test_teacher_folder_is_checked_for_the_parts_the_run_loads(skip, overrides, 
     assert (needle or "data.shards is not set") in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("damage, needle", [
+    ("unet/diffusion_pytorch_model.safetensors", "has a damaged weight file: unet/diffusion_pytorch_model.safetensors "
+     "is cut short: 64 bytes, its header names 72 (an interrupted copy or download?)"),
+    ("text_encoder_2/model.safetensors", "has a damaged weight file: text_encoder_2/model.safetensors is cut short"),
+    ("vae/config.json", "has a damaged vae/config.json: not a JSON object"),
+    ("scheduler/scheduler_config.json", "has a damaged scheduler/scheduler_config.json"),
+    ("unet/config.json", "has a damaged unet/config.json: not a JSON object"),  # read by the student check first
+])
+def test_a_damaged_teacher_folder_is_one_line(damage, needle, tmp_path):
+    """A weight file cut short or a config that is not JSON passed the check (names only) and ended in a
+    diffusers traceback once the teacher loaded."""
+    folder = _sdxl_layout(tmp_path / "sdxl")
+    path = folder / damage
+    if path.suffix == ".json":
+        path.write_text('{"_class_name": ')
+    else:
+        path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(["+experiment=koala_1b", f"teacher.path={folder}"]))
+    assert f"teacher.path={folder} {needle}" in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
 @pytest.mark.parametrize("override, needle", [
     (["+experiment=koala_1b"], "teacher.path is not set"),
     (["+experiment=koala_lightning_1b"], "teacher.path and teacher.unet_file are not set"),
@@ -124,6 +153,9 @@ def test_teacher_folder_is_checked_for_the_parts_the_run_loads(skip, overrides, 
     (["student=custom", "student.layers_per_block=[1,1,1]", "student.transformer_layers_per_block=[1,1,2]",
       "student.mid_block=false", "train.checkpointing_blocks=[Mid]"], "this student has no stage 'Mid'"),
     (["train.lr=-1"], "train.lr=-1.0 must be positive"),
+    (["train.lr=inf"], "train.lr=inf must be a finite number, positive"),  # passed, and trained NaN weights
+    (["train.max_grad_norm=inf"], "train.max_grad_norm=inf must be a finite number"),
+    (["train.seed=-1"], "train.seed=-1 must be 0 or more"),  # passed, and failed at the first step
     (["distill.caption_dropout=1.5"], "distill.caption_dropout=1.5 must be a probability in [0, 1]"),
     (["distill.w_feat=-1"], "distill.w_feat=-1.0 must be 0 or more"),  # would push the features apart
     (["train.max_nonfinite=0"], "train.max_nonfinite=0 must be at least 1"),
@@ -267,6 +299,9 @@ def test_caption_dropout_on_latents_needs_the_empty_caption_file(tmp_path):
     cfg = load_config(["data.kind=latents", f"data.shards={tmp_path}", "data.num_workers=1",
                        "distill.caption_dropout=0.1"])
     validate(cfg)  # written beside the shards
+    (tmp_path / EMPTY_PROMPT_FILE).write_bytes(b"garbage")  # passed, then np.load raised after the models loaded
+    with pytest.raises(ConfigError, match=f"{EMPTY_PROMPT_FILE} is damaged \\(not an .npz of arrays: "):
+        validate(cfg)
     (tmp_path / EMPTY_PROMPT_FILE).unlink()
     with pytest.raises(ConfigError, match=f"needs the empty caption's embeddings in .*{EMPTY_PROMPT_FILE}"):
         validate(cfg)
@@ -357,7 +392,9 @@ def test_a_teacher_unet_file_must_be_a_whole_unet_for_the_teacher(tmp_path, demo
     for name, (tensors, _) in cases.items():
         save_file(tensors, str(tmp_path / f"{name}.safetensors"))
     (tmp_path / "text.safetensors").write_text("not a safetensors file")
-    cases["text"] = ({}, "cannot be read as safetensors")
+    cases["text"] = ({}, "text.safetensors is not a whole safetensors file")
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:-100])  # an interrupted download
+    cases["cut"] = ({}, "cut.safetensors is cut short")
 
     def cfg(unet_file):
         return load_config([f"data.shards={demo_shards}", "data.num_workers=1", f"teacher.path={tiny_pipeline_dir}",
@@ -563,3 +600,62 @@ def test_slurm_script_checks_once_and_passes_overrides_intact(demo_shards, tmp_p
     assert args[0] == "launch" and args[args.index("--num_processes") + 1] == "2"
     assert args[args.index("train/main.py") + 1:] == [f"train.output_dir={tmp_path / 'run'}", "train.resume=latest",
                                                       "+experiment=demo", shards, "train.micro_batch_size=2"]
+
+
+def _checkpoint(run: Path, step: int, manifest: bool = True) -> Path:
+    """A checkpoint folder in the trainer's layout (weights, optimizer, RNG, data state), finalized as the trainer
+    does, i.e. with meta.json's list of file sizes unless `manifest` is False (an older checkpoint)."""
+    from safetensors.torch import save_file
+
+    from train import checkpoint
+
+    tmp = checkpoint.temp_dir(run, step)
+    (tmp / "student").mkdir(parents=True)
+    save_file({"w": torch.zeros(64)}, str(tmp / "student" / "diffusion_pytorch_model.safetensors"))
+    (tmp / "student" / "config.json").write_text("{}")
+    torch.save({"state": {0: {"exp_avg": torch.zeros(64)}}}, tmp / "optimizer.bin")
+    torch.save({"step": step}, tmp / "random_states_0.pkl")
+    (tmp / "data_state_rank0.json").write_text(json.dumps({"rank": 0, "epoch": 0}))
+    final = checkpoint.finalize(run, step, {"step": step}, keep_last=0)
+    if not manifest:
+        meta = json.loads((final / "meta.json").read_text())
+        del meta["files"]
+        (final / "meta.json").write_text(json.dumps(meta))
+    return final
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncate student/diffusion_pytorch_model.safetensors",
+     "student/diffusion_pytorch_model.safetensors has 320 bytes, 328 were written"),
+    ("delete optimizer.bin", "optimizer.bin is missing"),
+    ("garble meta.json", "meta.json cannot be read (JSONDecodeError)"),
+    ("garble data_state_rank0.json", "data_state_rank0.json is not valid JSON"),  # same size: the parse tells
+    ("truncate-old optimizer.bin", "optimizer.bin is cut short"),  # no size list: the zip's directory tells
+    ("truncate-old student/diffusion_pytorch_model.safetensors",
+     "student/diffusion_pytorch_model.safetensors is cut short: 320 bytes, its header names 328"),
+])
+def test_a_damaged_checkpoint_is_refused_in_one_line_naming_the_one_before(damage, needle, tmp_path, demo_shards):
+    """A checkpoint cut short by a copy, or with a file deleted, failed after the models loaded with a traceback
+    (Accelerate's or safetensors'), and `latest` kept choosing it; now the config check says what is damaged and
+    which checkpoint to resume from instead."""
+    from train.checkpoint import checkpoint_problem
+
+    action, rel = damage.split(" ")
+    run = tmp_path / "run"
+    before = _checkpoint(run, 2)
+    latest = _checkpoint(run, 4, manifest=not action.endswith("-old"))
+    assert checkpoint_problem(before) is None and checkpoint_problem(latest) is None
+    path = latest / rel
+    if action.startswith("truncate"):
+        path.write_bytes(path.read_bytes()[:-8])
+    elif action == "delete":
+        path.unlink()
+    else:
+        path.write_text("x" * len(path.read_text()))
+    cfg = load_config([f"data.shards={demo_shards}", f"train.output_dir={run}", "train.resume=latest"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    line = str(info.value)
+    assert line.startswith(f"train.resume: the checkpoint {latest} is damaged ({needle}") and "\n" not in line, line
+    assert line.endswith(f"); resume from the one before with train.resume={before} (the damaged one is then moved "
+                         "aside, not deleted)"), line

@@ -60,6 +60,13 @@ def test_export_errors_are_one_line(ckpt, tiny_pipeline_dir, tmp_path, capsys):
     cases += [(["--checkpoint", str(mine), "--out", str(tmp_path / "run")], 2, "would replace the checkpoint"),
               (["--checkpoint", str(mine), "--out", str(mine)], 2, "would replace the checkpoint"),
               (["--checkpoint", str(ckpt), "--out", str(tmp_path / "notes")], 2, "holds other files")]
+    # a weight file cut short (a copy interrupted): a damaged input, not a failed write (which is exit code 5)
+    cut = tmp_path / "run" / "checkpoints" / "step_000000008"
+    shutil.copytree(ckpt, cut)
+    weights = cut / "student_ema" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    cases.append((["--checkpoint", str(cut), "--out", str(tmp_path / "e")], 2,
+                  f"{cut} has a damaged weight file: student_ema/diffusion_pytorch_model.safetensors is cut short"))
     for argv, code, needle in cases:
         assert script.main(argv) == code, argv
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

@@ -119,6 +119,25 @@ def test_not_a_source(tmp_path):
         load_source(tmp_path)
 
 
+def test_damaged_sources_are_one_line(ckpt, tiny_dir, tmp_path):
+    """A weight file cut short, or a meta.json that is not JSON, was a diffusers or json traceback in sample and
+    eval; now each is a SourceError naming the file (which the scripts print as one line)."""
+    cut = tmp_path / "ckpt"
+    shutil.copytree(ckpt, cut)
+    weights = cut / "student_ema" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(SourceError, match="has a damaged weight file: student_ema/diffusion_pytorch_model.safetens"):
+        load_source(cut)
+    (cut / "meta.json").write_text('{"step": 2, ')
+    with pytest.raises(SourceError, match="meta.json is damaged: not JSON"):
+        load_source(cut)
+    pipe = tmp_path / "pipe"
+    shutil.copytree(tiny_dir, pipe)
+    (pipe / "text_encoder" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SourceError, match="has a damaged weight file: text_encoder/model.safetensors is not a whole"):
+        load_source(pipe)
+
+
 def test_seeds_are_per_image_and_batch_independent(tiny_dir):
     loaded = load_source(tiny_dir)
     s = resolve_settings(loaded.defaults, **FAST)

@@ -4,6 +4,7 @@ loads in diffusers, numerical faults are skipped and counted."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
 
@@ -99,6 +100,22 @@ def test_a_stop_file_older_than_the_run_is_ignored(tmp_path, demo_shards, tiny_p
     assert "warning: train.mixed_precision=fp16 has no effect on the CPU" in out
     weights = ckpt / "student" / "diffusion_pytorch_model.safetensors"
     assert stat.S_IMODE(weights.stat().st_mode) & 0o666 == 0o666 & ~process_umask()
+
+    # damage that sizes and headers do not show (zeros over the optimizer file's first bytes) is found by the load
+    # itself: one line, not Accelerate's traceback
+    from train.checkpoint import CheckpointLoadError
+    from train.loop import reset_accelerate
+
+    optimizer = ckpt / "optimizer.bin"
+    optimizer.write_bytes(bytes(64) + optimizer.read_bytes()[64:])
+    reset_accelerate()
+    with pytest.raises(CheckpointLoadError) as info:
+        run_cfg(tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, "train.max_steps=4", "train.checkpoint_every=0",
+                         "train.ema=false", "train.resume=latest"))
+    line = str(info.value)
+    assert line.startswith(f"train.resume: the checkpoint {ckpt} is damaged (") and "\n" not in line, line
+    assert re.search(r"is damaged \(\w+Error: [^)]{10,120}\); ", line), line  # the error's first sentence
+    assert line.endswith("no whole checkpoint precedes it: start a new run in another train.output_dir"), line
 
 
 def _state(run):
@@ -268,6 +285,29 @@ def test_too_many_nonfinite_in_a_row_stop_cleanly(inject_nan, tmp_path, demo_sha
 
     unet = UNet2DConditionModel.from_pretrained(ckpt / "student")
     assert all(torch.isfinite(p).all() for p in unet.parameters())
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path, demo_shards, tiny_pipeline_dir):
+    """An update that overflows the weights while its loss and gradients were finite (train.lr=inf did: every
+    later checkpoint was all NaN, and the error called the last one good): the checkpoint is not written, the run
+    ends with NonFiniteError naming the last good one."""
+    from train.checkpoint import latest_checkpoint
+    from train.loop import NonFiniteError
+
+    class Overflow(Callback):
+        def on_step_end(self, run, losses):
+            if run.state.step == 2:
+                with torch.no_grad():
+                    next(run.unwrapped.parameters()).view(-1)[0] = float("inf")
+
+    cfg = tiny_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=3", "train.checkpoint_every=1",
+                   "train.ema=false")
+    with pytest.raises(NonFiniteError) as info:
+        run_cfg(cfg, callbacks=[Overflow()])
+    good = latest_checkpoint(tmp_path / "run")
+    assert good.name == "step_000000001"
+    assert str(info.value).startswith("the student's weights hold non-finite values at step 2, so no checkpoint was "
+                                      f"written; the last good one is {good}")
 
 
 def test_missing_teacher_path_is_one_line(tiny_pipeline_dir):
@@ -527,3 +567,24 @@ def test_a_restored_ema_lives_on_the_students_device():
     ema.load_state_dict(saved.state_dict())  # CPU tensors, as Accelerate's load_state hands them over
     assert {p.device.type for p in ema.model.shadow_params} == {"meta"}
     assert ema.model.decay == 0.5 and len(ema.model.shadow_params) == 2
+
+
+def test_a_second_run_into_a_live_runs_folder_is_one_line(tmp_path, demo_shards, tiny_pipeline_dir, monkeypatch,
+                                                          capsys):
+    """Two runs in one folder (a requeued job while its predecessor still ran) replaced each other's checkpoints
+    and deleted each other's half-written ones; now the second stops before loading anything. The lock goes with
+    the run: a finished (or killed) run leaves none."""
+    from train.checkpoint import LOCK, run_lock
+
+    out = tmp_path / "run"
+    with run_lock(out):
+        holder = (out / LOCK).read_text()
+        code = _main_with_full_disk(out, demo_shards, tiny_pipeline_dir, monkeypatch, None, "train.max_steps=1",
+                                    "train.resume=latest")
+        assert code == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"config error: train.output_dir={out} is in use by a live run ({holder.strip()}): wait for "
+                       f"it to end, or stop it (touch {out / 'STOP'}) and then resume")
+        assert holder.startswith(f"pid {os.getpid()} on ")
+    assert _main_with_full_disk(out, demo_shards, tiny_pipeline_dir, monkeypatch, None, "train.max_steps=1",
+                                "train.resume=latest", "train.export=false") == 0

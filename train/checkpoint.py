@@ -3,17 +3,20 @@
 A checkpoint folder `<run>/checkpoints/step_<N>/` holds Accelerate's state (student, optimizer, grad scaler,
 every rank's RNG states, and the registered stateful objects: train state, LR scheduler, EMA), the student (and
 EMA) in `save_pretrained` layout, one data-stream position file per rank, and `meta.json` (step, teacher, W&B run
-id, resolved config). It is written under `.tmp-step_<N>` and renamed when every rank has finished, so a kill
-during the write leaves the previous checkpoint as the latest.
+id, resolved config, every file's size). It is written under `.tmp-step_<N>` and renamed when every rank has
+finished, so a kill during the write leaves the previous checkpoint as the latest; a checkpoint damaged later is
+refused before a resume loads anything (checkpoint_problem).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +97,9 @@ def remove_stale_temps(output_dir: str | Path) -> None:
 def finalize(output_dir: str | Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
     """Write meta.json, rename the temporary folder into place and prune to the last `keep_last` (main only)."""
     tmp = temp_dir(output_dir, step)
-    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    # every file's size, so that a resume can tell a checkpoint damaged later (a copy cut short, a file deleted)
+    files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    (tmp / META).write_text(json.dumps({**meta, "files": files}, indent=2, default=str))
     final = checkpoint_root(output_dir) / checkpoint_name(step)
     widen_to_umask(tmp)
     if final.exists():  # a checkpoint of the same step (e.g. written again after a resume) is replaced
@@ -105,6 +110,56 @@ def finalize(output_dir: str | Path, step: int, meta: dict[str, Any], keep_last:
             if old != final:  # never the one just written
                 shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+LOCK = ".run.lock"  # in the run folder: held (flock) by the run's global rank 0 while it trains
+
+
+class RunLockedError(RuntimeError):
+    """Another live process trains into this run folder; the message is one line naming it."""
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: str | Path) -> Iterator[None]:
+    """Hold the run folder's lock while training, so that a second run into the same folder (a requeued job whose
+    predecessor still runs, a resume typed twice) stops before it loads anything, instead of the two deleting
+    and replacing each other's checkpoints. An advisory flock: released by the kernel when the holder dies, so
+    a killed run leaves nothing stale; on NFS it needs the lock service that Linux clients use by default."""
+    import fcntl
+    import socket
+
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunLockedError(f"train.output_dir={output_dir} is in use by a live run ({holder}): wait for it to "
+                                 f"end, or stop it (touch {folder / 'STOP'}) and then resume") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint that passed checkpoint_problem but failed to load (damage its sizes and headers do not show);
+    the message is damaged_refusal's one line."""
+
+
+def load_failure(ckpt: Path, exc: BaseException) -> CheckpointLoadError:
+    """CheckpointLoadError for `exc`, raised while loading `ckpt`."""
+    # the first sentence: torch's unpickling errors go on for lines of advice that do not apply here
+    first = re.split(r"(?<=[.!?:])\s", (str(exc).strip().splitlines() or [""])[0].strip())[0].rstrip(".:")[:300]
+    return CheckpointLoadError(damaged_refusal(ckpt, f"{type(exc).__name__}: {first}" if first
+                                               else type(exc).__name__))
 
 
 class CheckpointWriteError(OSError):
@@ -186,6 +241,55 @@ def read_data_states(ckpt: Path) -> list[dict[str, Any]]:
 def read_meta(ckpt: Path) -> dict[str, Any]:
     """A checkpoint's meta.json."""
     return json.loads((ckpt / META).read_text())
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """None when a checkpoint looks whole, else one line saying what is damaged: meta.json or another JSON file
+    that does not parse, a file missing or of another size than when it was written (meta.json's "files"; older
+    checkpoints lack that list), a weight file cut short. Reads sizes, headers and the small JSON files only."""
+    from distill.files import weights_file_problem
+
+    try:
+        meta = read_meta(ckpt)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{META} cannot be read ({type(exc).__name__})"
+    if not isinstance(meta, dict):
+        return f"{META} does not hold a JSON object"
+    for rel, size in (meta.get("files") or {}).items():
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != size:
+            return f"{rel} has {path.stat().st_size} bytes, {size} were written"
+    for path in sorted(ckpt.rglob("*")):
+        if not path.is_file() or path.name == META:
+            continue
+        if path.suffix == ".json":
+            try:
+                json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                return f"{path.relative_to(ckpt)} is not valid JSON"
+        elif problem := weights_file_problem(path):
+            return f"{path.parent.relative_to(ckpt)}/{problem}" if path.parent != ckpt else problem
+    return None
+
+
+def damaged_refusal(ckpt: Path, problem: str) -> str:
+    """The one line that refuses to resume from a damaged checkpoint, naming the newest whole one before it."""
+    before = previous_checkpoint(ckpt)
+    then = (f"resume from the one before with train.resume={before} (the damaged one is then moved aside, not "
+            "deleted)" if before else "no whole checkpoint precedes it: start a new run in another train.output_dir")
+    return f"train.resume: the checkpoint {ckpt} is damaged ({problem}); {then}"
+
+
+def previous_checkpoint(ckpt: Path) -> Path | None:
+    """The newest complete checkpoint of the same run before `ckpt` that checkpoint_problem finds whole."""
+    match = CKPT_RE.match(ckpt.name)
+    if match is None:
+        return None
+    step = int(match[1])
+    earlier = [p for p in list_checkpoints(ckpt.parent.parent) if int(CKPT_RE.match(p.name)[1]) < step]  # type: ignore[index]
+    return next((p for p in reversed(earlier) if checkpoint_problem(p) is None), None)
 
 
 FAULT_PAUSE_ENV = "KOALA_FAULT_CHECKPOINT_PAUSE_S"

@@ -5,6 +5,7 @@ Every failure here is one line (`ConfigError`) naming the key, raised before any
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,7 @@ _CHOICES = {
 # Numeric settings and the values they admit: (key, test, what the value must be).
 _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("train.max_steps", lambda v: v >= 1, "at least 1"),
+    ("train.seed", lambda v: v >= 0, "0 or more"),
     ("train.lr", lambda v: v > 0, "positive"),
     ("train.warmup_steps", lambda v: v >= 0, "0 or more"),
     ("train.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -220,16 +222,28 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
-    """Semantic checks that need no model: choices, paths, shards, student vs teacher, batch arithmetic.
+    """Semantic checks that need no model: choices, paths, shards, student vs teacher, batch arithmetic, the
+    checkpoint a resume reads.
 
     Raises ConfigError with one line naming the key.
     """
+    from distill.teachers import TeacherError
+
+    try:
+        _validate(cfg, world_size)
+    except TeacherError as exc:  # a teacher folder whose files cannot be read, found while reading its configs
+        raise ConfigError(str(exc)) from exc
+
+
+def _validate(cfg: DictConfig, world_size: int) -> None:
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     for key, admits, what in _RANGES:
         value = OmegaConf.select(cfg, key)
+        if isinstance(value, float) and math.isinf(value):  # inf passes the comparisons (lr=inf made NaN weights)
+            raise ConfigError(f"{key}={value} must be a finite number, {what}")
         if value is not None and not admits(value):
             raise ConfigError(f"{key}={value} must be {what}")
     for ftype in cfg.distill.feature_types:
@@ -263,18 +277,22 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
                 f"(e.g. teacher.path=/models/{t.name})"
             )
         if not Path(t.path).is_dir():
-            raise ConfigError(f"teacher.path={t.path} does not exist (a local diffusers SDXL pipeline folder)")
+            raise ConfigError(f"teacher.path={t.path} {_absent(t.path)} (a local diffusers SDXL pipeline folder)")
     elif t.path and not Path(t.path).is_dir():
-        raise ConfigError(f"teacher.path={t.path} does not exist (leave it null to build the tiny pipeline)")
+        raise ConfigError(f"teacher.path={t.path} {_absent(t.path)} (leave it null to build the tiny pipeline)")
     if t.unet_file and not Path(t.unet_file).is_file():
-        raise ConfigError(f"teacher.unet_file={t.unet_file} does not exist (a .safetensors U-Net file)")
+        what = "is a folder" if Path(t.unet_file).is_dir() else "does not exist"
+        raise ConfigError(f"teacher.unet_file={t.unet_file} {what} (a .safetensors U-Net file)")
     if t.vae_path and not Path(t.vae_path).is_dir():
-        raise ConfigError(f"teacher.vae_path={t.vae_path} does not exist (a diffusers VAE folder)")
+        raise ConfigError(f"teacher.vae_path={t.vae_path} {_absent(t.vae_path)} (a diffusers VAE folder)")
+    from distill.files import weights_problem
     from distill.teachers import has_weights
 
     if t.vae_path and not ((Path(t.vae_path) / "config.json").is_file() and has_weights(Path(t.vae_path))):
         raise ConfigError(f"teacher.vae_path={t.vae_path} is not a diffusers VAE folder: it needs config.json and "
                           "its weights (e.g. diffusion_pytorch_model.safetensors)")
+    if t.vae_path and (damage := weights_problem(t.vae_path)):
+        raise ConfigError(f"teacher.vae_path={t.vae_path} has a damaged weight file: {damage}")
     if t.path and not t.random_init:
         _check_pipeline_folder(cfg)
     if t.unet_file and not t.random_init:
@@ -383,7 +401,7 @@ def resume_state_changes(cfg: DictConfig, ckpt_dir: Path, world_size: int = 1) -
 
 
 def _check_state_resume(cfg: DictConfig, world_size: int) -> None:
-    from train.checkpoint import resolve_resume
+    from train.checkpoint import checkpoint_problem, damaged_refusal, resolve_resume
 
     try:
         ckpt_dir = resolve_resume(cfg.train.resume, cfg.train.output_dir)
@@ -391,6 +409,8 @@ def _check_state_resume(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(str(exc)) from exc
     if ckpt_dir is None:
         return
+    if problem := checkpoint_problem(ckpt_dir):
+        raise ConfigError(damaged_refusal(ckpt_dir, problem))
     changes = resume_state_changes(cfg, ckpt_dir, world_size)
     if changes:
         shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
@@ -482,6 +502,27 @@ def _check_data(cfg: DictConfig, world_size: int) -> None:
                 raise ConfigError(f"distill.caption_dropout={cfg.distill.caption_dropout} needs the empty caption's "
                                   f"embeddings in {path} (make latents writes them beside the shards), or set "
                                   "distill.caption_dropout=0")
+            if problem := _empty_prompt_problem(path):
+                raise ConfigError(f"distill.caption_dropout={cfg.distill.caption_dropout}: {path} is damaged "
+                                  f"({problem}); run make latents again to rewrite it, or set "
+                                  "distill.caption_dropout=0")
+
+
+def _empty_prompt_problem(path: Path) -> str | None:
+    """None when `path` holds the empty caption's embeddings as make latents writes them (prompt_embeds
+    [77, D], pooled_prompt_embeds [P]), else what is wrong."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            shapes = {k: arrays[k].shape for k in ("prompt_embeds", "pooled_prompt_embeds") if k in arrays}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        return f"not an .npz of arrays: {type(exc).__name__}"
+    if len(shapes.get("prompt_embeds", ())) != 2 or len(shapes.get("pooled_prompt_embeds", ())) != 1:
+        return f"prompt_embeds [77, D] and pooled_prompt_embeds [P] expected, found {shapes}"
+    return None
 
 
 def _check_latents(cfg: DictConfig, urls: list[str]) -> None:
@@ -516,6 +557,11 @@ def _check_latents(cfg: DictConfig, urls: list[str]) -> None:
             f"{example.key}) but teacher.resolution={t.resolution}: make them at {t.resolution} px (make latents "
             f"ARGS='--resolution {t.resolution}'), or set teacher.resolution={round(side)}"
         )
+
+
+def _absent(path: str) -> str:
+    """How a path that should be a folder is not one: 'is a file, not a folder' or 'does not exist'."""
+    return "is a file, not a folder" if Path(path).exists() else "does not exist"
 
 
 def _check_output_dir(output_dir: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from distill.files import out_folder_problem, widen_to_umask
+from distill.files import out_folder_problem, weights_problem, widen_to_umask
 from distill.teachers import export_scheduler, pipeline_folder_problem
 
 _COPIED = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -92,6 +92,8 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, weights: str
     folder = folders[weights]
     if not (ckpt / folder).is_dir():
         raise ExportError(f"{ckpt} has no {folder}/ (the run had train.ema=false): export weights=live or auto")
+    if damage := weights_problem(ckpt / folder):  # else its read error would pass for a failed write (exit 5)
+        raise ExportError(f"{ckpt} has a damaged weight file: {folder}/{damage}; export another checkpoint")
     teacher = Path(teacher_path or meta["teacher_path"])
     saved = (meta.get("config") or {}).get("teacher")
     if saved:

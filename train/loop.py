@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import signal
 import time
 import uuid
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 
 from train import checkpoint as ckpt
 from train.callbacks import EMA, Audit, Callback, SampleGrid, ScalarLogger
@@ -436,7 +438,12 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     data_state = None
     resume_from = ckpt.resolve_resume(tr.resume, output_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        try:
+            accelerator.load_state(str(resume_from))
+        except torch.OutOfMemoryError:
+            raise
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
+            raise ckpt.load_failure(resume_from, exc) from exc
         # load_state restores Accelerate's micro-batch counter, which decides the syncing micro-batch; checkpoints
         # are written between optimizer steps, so 0 is right, and a new accumulation count stays in phase
         accelerator.step = 0
@@ -486,7 +493,7 @@ def _empty_prompt(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
     from data.latents import empty_prompt_path
 
     path = empty_prompt_path(cfg.data.shards)
-    if not path.is_file():  # train/config.py refuses caption dropout without it, before models load
+    if cfg.distill.caption_dropout == 0 or not path.is_file():  # config.py refuses dropout without it
         return None
     arrays = np.load(path)
     return torch.from_numpy(arrays["prompt_embeds"]), torch.from_numpy(arrays["pooled_prompt_embeds"])
@@ -511,8 +518,15 @@ def save_checkpoint(run: Run) -> Path:
 
     A write error on any rank (disk full, quota, permissions) becomes CheckpointWriteError on every rank at the
     same point: the ranks exchange their outcome before the rename, so none is left waiting for another and no
-    rank removes a folder that another is still writing into."""
+    rank removes a folder that another is still writing into. Weights that are not finite (an update that
+    overflowed, although its loss and gradients were finite) are not written: NonFiniteError on every rank."""
     acc, step = run.accelerator, run.state.step
+    params = [p.detach() for p in run.unwrapped.parameters()]
+    if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one host sync per checkpoint
+        latest = ckpt.latest_checkpoint(run.output_dir)
+        raise NonFiniteError(f"the student's weights hold non-finite values at step {step}, so no checkpoint was "
+                             f"written; {f'the last good one is {latest}' if latest else 'none was written before'}"
+                             " (lower train.lr, or raise train.warmup_steps)")
     tmp = ckpt.temp_dir(run.output_dir, step)
     failed = _attempt(lambda: tmp.mkdir(parents=True, exist_ok=True))
     acc.wait_for_everyone()  # the folder exists for every rank before any of them writes into it

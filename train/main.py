@@ -8,6 +8,7 @@ otherwise follow a config error's line with its own traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -69,15 +70,23 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from distill.teachers import TeacherError
-    from train.checkpoint import CheckpointWriteError
+    from train.checkpoint import CheckpointLoadError, CheckpointWriteError, RunLockedError, run_lock
     from train.loop import NonFiniteError, setup, train
 
     try:
-        run = setup(cfg)
-        summary = train(run)
+        # rank 0 alone holds the run folder's lock; the launcher ends the other ranks when it exits with 2
+        with run_lock(cfg.train.output_dir) if first_rank else contextlib.nullcontext():
+            run = setup(cfg)
+            summary = train(run)
+    except RunLockedError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     except TeacherError as exc:  # found while loading, e.g. a folder that changed after the checks
         if first_rank:
             print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointLoadError as exc:  # from the rank that read the damaged file
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:
         if first_rank:
