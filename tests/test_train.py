@@ -4,9 +4,9 @@ loads in diffusers, numerical faults are skipped and counted."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -573,18 +573,28 @@ def test_a_second_run_into_a_live_runs_folder_is_one_line(tmp_path, demo_shards,
                                                           capsys):
     """Two runs in one folder (a requeued job while its predecessor still ran) replaced each other's checkpoints
     and deleted each other's half-written ones; now the second stops before loading anything. The lock goes with
-    the run: a finished (or killed) run leaves none."""
-    from train.checkpoint import LOCK, run_lock
+    the run's process: once the holder is gone, the folder is free."""
+    import subprocess
+    import sys
+
+    from train.checkpoint import LOCK
 
     out = tmp_path / "run"
-    with run_lock(out):
-        holder = (out / LOCK).read_text()
-        code = _main_with_full_disk(out, demo_shards, tiny_pipeline_dir, monkeypatch, None, "train.max_steps=1",
-                                    "train.resume=latest")
+    holder = subprocess.Popen(  # another process holds the lock, as a live run's rank 0 does
+        [sys.executable, "-c", "import sys, time; from train.checkpoint import run_lock\n"
+         f"with run_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parent.parent))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        who = (out / LOCK).read_text().strip()
+        assert who.startswith(f"pid {holder.pid} on ")
+        code = _main_with_full_disk(out, demo_shards, tiny_pipeline_dir, monkeypatch, None, "train.max_steps=1")
         assert code == 2
         err = capsys.readouterr().err.strip()
-        assert err == (f"config error: train.output_dir={out} is in use by a live run ({holder.strip()}): wait for "
-                       f"it to end, or stop it (touch {out / 'STOP'}) and then resume")
-        assert holder.startswith(f"pid {os.getpid()} on ")
+        assert err == (f"config error: train.output_dir={out} is in use by a live run ({who}): wait for it to end, "
+                       f"or stop it (touch {out / 'STOP'}) and then resume")
+    finally:
+        holder.kill()
+        holder.wait()
     assert _main_with_full_disk(out, demo_shards, tiny_pipeline_dir, monkeypatch, None, "train.max_steps=1",
-                                "train.resume=latest", "train.export=false") == 0
+                                "train.export=false") == 0

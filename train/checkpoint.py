@@ -123,8 +123,9 @@ class RunLockedError(RuntimeError):
 def run_lock(output_dir: str | Path) -> Iterator[None]:
     """Hold the run folder's lock while training, so that a second run into the same folder (a requeued job whose
     predecessor still runs, a resume typed twice) stops before it loads anything, instead of the two deleting
-    and replacing each other's checkpoints. An advisory flock: released by the kernel when the holder dies, so
-    a killed run leaves nothing stale; on NFS it needs the lock service that Linux clients use by default."""
+    and replacing each other's checkpoints. A POSIX record lock (lockf): the kernel releases it when the holder
+    dies, so a killed run leaves nothing stale, and unlike flock it is not shared with forked data-loader
+    workers, which can outlive a killed trainer by seconds. Works on NFS with the lock service Linux clients use."""
     import fcntl
     import socket
 
@@ -132,8 +133,8 @@ def run_lock(output_dir: str | Path) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EAGAIN / EACCES: held by a live process
             f.seek(0)
             holder = f.read().strip() or "another process"
             raise RunLockedError(f"train.output_dir={output_dir} is in use by a live run ({holder}): wait for it to "
@@ -146,7 +147,7 @@ def run_lock(output_dir: str | Path) -> Iterator[None]:
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 class CheckpointLoadError(RuntimeError):
