@@ -8,10 +8,13 @@ pixel is decoded.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 import random
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +37,10 @@ from data.images import (
 
 # File names (after the key) of a latent sample.
 LATENT_FILES = ("latents.npy", "prompt_embeds.npy", "pooled_prompt_embeds.npy")
+# The settings a latent shard set was made with (`make latents`, data/latents.py), beside its shards.
+MANIFEST_FILE = "latents.json"
+# Skip reason of a latent sample whose arrays have the right dimensions but not the shard set's shape.
+BAD_LATENT_SHAPE = "bad_latent_shape"
 
 
 @dataclass
@@ -148,11 +155,68 @@ def _pair(meta: dict[str, Any], name: str) -> tuple[int, int]:
     return value[0], value[1]
 
 
-class LatentDecoder:
-    """Read latent samples written by `make latents` (no VAE or text encoder needed)."""
+@dataclass
+class LatentShapes:
+    """The shapes every latent sample of one shard set has; None where not known (the first sample that fits the
+    known ones then fixes it for its reader)."""
 
-    def __init__(self, cfg: DataConfig):
+    channels: int | None = None  # latent channels (SDXL's VAE: 4)
+    factor: int | None = None  # px of the crop per latent cell, the VAE's downsampling (SDXL: 8; the tiny one: 2)
+    prompt_embeds: tuple[int, int] | None = None  # (tokens, width) (SDXL: (77, 2048))
+    pooled: int | None = None  # pooled width (SDXL: 1280)
+    # The (height, width) crops in px that latents.json's resolution and buckets allow; never learned from a sample
+    # (a shard set with buckets legitimately holds several).
+    target_sizes: frozenset[tuple[int, int]] | None = None
+
+    @property
+    def arrays(self) -> tuple[Any, ...]:
+        """(channels, factor, prompt_embeds, pooled): what a sample's arrays fix."""
+        return self.channels, self.factor, self.prompt_embeds, self.pooled
+
+    def check(self, seen: LatentShapes, target_size: tuple[int, int]) -> None:
+        """Raise SkipSample(BAD_LATENT_SHAPE) naming every known shape that `seen` (one sample's) differs from."""
+        wrong = [f"{name} {got} where the shards have {want}"
+                 for name, got, want in zip(("latent channels", "VAE factor", "prompt_embeds", "pooled width"),
+                                            seen.arrays, self.arrays, strict=True)
+                 if want is not None and got != want]
+        if self.target_sizes is not None and target_size not in self.target_sizes:
+            wrong.append(f"target_size {target_size} is not a crop of latents.json's resolution and buckets")
+        if wrong:
+            raise SkipSample(BAD_LATENT_SHAPE, "; ".join(wrong))
+
+    def learn(self, seen: LatentShapes) -> None:
+        """Fix the unknown array shapes to those of `seen` (a sample that passed check)."""
+        for name in ("channels", "factor", "prompt_embeds", "pooled"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(seen, name))
+
+
+def _seen_shapes(latents: np.ndarray, prompt_embeds: np.ndarray, pooled: np.ndarray,
+                 target_size: tuple[int, int]) -> LatentShapes:
+    """The shapes one latent sample has; SkipSample(BAD_LATENT_SHAPE) when its latent grid does not tile its crop
+    (target_size, px) with one whole VAE factor, e.g. 16x16 latents of a 64x48 crop."""
+    channels, height, width = latents.shape
+    crop_h, crop_w = target_size
+    if min(height, width, crop_h, crop_w) < 1 or crop_h % height or crop_w % width or (
+        crop_h // height != crop_w // width
+    ):
+        raise SkipSample(BAD_LATENT_SHAPE, f"latents {list(latents.shape)} do not tile the {crop_h}x{crop_w} px crop "
+                                           "(target_size) with one VAE factor")
+    return LatentShapes(channels, crop_h // height, tuple(prompt_embeds.shape), pooled.shape[0])
+
+
+class LatentDecoder:
+    """Read latent samples written by `make latents` (no VAE or text encoder needed).
+
+    `shapes` are what every sample must have (latent_shapes() of the shard set); a sample that differs is skipped
+    as BAD_LATENT_SHAPE. With `learn` the shapes still unknown are fixed by the first sample that fits, so one
+    reader's batches always stack; without it only the given ones are checked.
+    """
+
+    def __init__(self, cfg: DataConfig, shapes: LatentShapes | None = None, *, learn: bool = True):
         self.cfg = cfg
+        self.shapes = dataclasses.replace(shapes) if shapes is not None else LatentShapes()  # a copy: it learns
+        self.learn = learn
 
     def __call__(self, sample: dict[str, Any], rng: random.Random) -> Example:
         """The example for one latent sample; `rng` is unused (crops were fixed when latents were made)."""
@@ -167,12 +231,17 @@ class LatentDecoder:
         if dims != (3, 2, 1):
             raise SkipSample("bad_latents", f"latents, prompt_embeds, pooled_prompt_embeds have {dims} dimensions, "
                                             "not (3, 2, 1)")
+        target_size = _pair(meta, "target_size")
+        seen = _seen_shapes(latents, prompt_embeds, pooled, target_size)
+        self.shapes.check(seen, target_size)
+        if self.learn:
+            self.shapes.learn(seen)
         return Example(
             key=sample["__key__"],
             caption=caption,
             original_size=_pair(meta, "original_size"),
             crop_top_left=_pair(meta, "crop_top_left"),
-            target_size=_pair(meta, "target_size"),
+            target_size=target_size,
             flipped=bool(meta.get("flipped", False)),
             latents=latents,
             prompt_embeds=prompt_embeds,
@@ -180,9 +249,9 @@ class LatentDecoder:
         )
 
 
-def make_decoder(cfg: DataConfig) -> Decoder:
-    """The decoder for cfg.kind."""
-    return LatentDecoder(cfg) if cfg.kind == "latents" else RawDecoder(cfg)
+def make_decoder(cfg: DataConfig, shapes: LatentShapes | None = None) -> Decoder:
+    """The decoder for cfg.kind; `shapes` are the latent shapes every latent sample must have (latent_shapes())."""
+    return LatentDecoder(cfg, shapes) if cfg.kind == "latents" else RawDecoder(cfg)
 
 
 def _tar_samples(path: str) -> Iterator[dict[str, Any]]:
@@ -209,21 +278,61 @@ def _tar_samples(path: str) -> Iterator[dict[str, Any]]:
         yield sample
 
 
-def first_latent_example(urls: Sequence[str], max_samples: int = 16) -> Example | None:
-    """The first latent sample of the first local shard in `urls` that decodes (of its first `max_samples`), or
-    None when there is none: a config check reads it to compare the shards' shapes with the teacher's."""
+def _manifest_shapes(folder: str) -> LatentShapes:
+    """The crop sizes latents.json in `folder` allows (its resolution, and its buckets if it made them); nothing
+    known when it is absent or unreadable (shards made before manifests, or copied without theirs)."""
+    try:
+        with open(os.path.join(folder, MANIFEST_FILE), encoding="utf-8") as f:
+            made = json.load(f)
+        resolution, buckets, step = made["resolution"], made.get("buckets", False), made.get("bucket_step", 64)
+    except (OSError, ValueError, KeyError, TypeError):
+        return LatentShapes()
+    if not (isinstance(resolution, int) and resolution > 0 and isinstance(buckets, bool) and isinstance(step, int)
+            and step > 0):
+        return LatentShapes()
+    sizes = sdxl_buckets(resolution, step) if buckets else [(resolution, resolution)]
+    return LatentShapes(target_sizes=frozenset(sizes))
+
+
+def _reference(urls: Sequence[str], max_samples: int) -> tuple[LatentShapes, Example | None]:
+    """(the shard set's latent shapes, the first example that has them), from the first `max_samples` samples of
+    the first local shard in `urls`: the crop sizes from latents.json beside it, the array shapes those of most of
+    its samples that fit them (the first one's on a tie), so one misshapen first sample does not set them. Nothing
+    is known without a local shard (pipe:, URLs)."""
     local = next((u for u in urls if os.path.isfile(u)), None)
     if local is None:
-        return None
-    decoder = LatentDecoder(DataConfig(shards=local, kind="latents"))
+        return LatentShapes(), None
+    known = _manifest_shapes(os.path.dirname(local))
+    decoder = LatentDecoder(DataConfig(shards=local, kind="latents"), known, learn=False)
+    examples: list[tuple[tuple[Any, ...], Example]] = []
     for n, sample in enumerate(_tar_samples(local)):
         if n >= max_samples:
             break
         try:
-            return decoder(sample, random.Random(0))
+            example = decoder(sample, random.Random(0))
         except SkipSample:
             continue
-    return None
+        seen = _seen_shapes(example.latents, example.prompt_embeds, example.pooled_prompt_embeds, example.target_size)
+        examples.append((seen.arrays, example))
+    if not examples:
+        return known, None
+    arrays = Counter(a for a, _ in examples).most_common(1)[0][0]  # equal counts keep first-seen order
+    shapes = LatentShapes(*arrays, target_sizes=known.target_sizes)
+    return shapes, next(ex for a, ex in examples if a == arrays)
+
+
+def latent_shapes(urls: Sequence[str], max_samples: int = 16) -> LatentShapes:
+    """The shapes every latent sample of the shard set `urls` must have, read once before training (see
+    _reference); every reader checks its samples against them, so resumed and parallel readers skip the same ones.
+    What is not known is fixed per reader by its first sample that fits."""
+    return _reference(urls, max_samples)[0]
+
+
+def first_latent_example(urls: Sequence[str], max_samples: int = 16) -> Example | None:
+    """The first latent sample of the first local shard in `urls` that has the shard set's shapes (of its first
+    `max_samples`; see _reference), or None when there is none: a config check reads it to compare the shards'
+    shapes with the teacher's."""
+    return _reference(urls, max_samples)[1]
 
 
 def shard_kind(urls: Sequence[str], max_samples: int = 16) -> tuple[str | None, str] | None:

@@ -34,7 +34,7 @@ import webdataset as wds
 
 from data.captions import SkipSample
 from data.config import DataConfig
-from data.decode import Example, RawDecoder
+from data.decode import MANIFEST_FILE, Example, RawDecoder
 from data.stream import Batcher, collate, expand_shards
 from distill.conditioning import encode_images, encode_prompts
 
@@ -44,8 +44,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _STORAGE = {"float32": np.float32, "float16": np.float16}
 # Embeddings of the empty caption, next to the latent shards (the loader reads only *.tar).
 EMPTY_PROMPT_FILE = "empty_prompt.npz"
-# The settings a latent shard set was made with, beside its shards.
-MANIFEST_FILE = "latents.json"
+# MANIFEST_FILE, the settings a latent shard set was made with, beside its shards, is defined in data/decode.py:
+# the loader reads the crop sizes it allows.
 # DataConfig keys that change what a latent sample holds (the others only change how shards are streamed).
 _MADE_WITH = ("resolution", "buckets", "bucket_step", "random_crop", "random_flip", "caption_fields", "syncap",
               "alt_text_fields", "min_side", "min_aspect", "max_aspect", "score_filters", "max_pixels")

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.captions import SkipSample
 from data.config import DataConfig, to_data_config, validate_config
-from data.decode import Decoder, Example, make_decoder
+from data.decode import Decoder, Example, LatentShapes, latent_shapes, make_decoder
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,33 @@ _MAX_LOGGED_ERRORS = 3
 _GLOB_CHARS = "*?["
 
 Position = tuple[int, int, int]  # (epoch, group, index of the raw sample in the shuffled group)
+
+
+class NoUsableSamples(RuntimeError):
+    """A reader decoded no usable sample in MAX_EMPTY_EPOCHS epochs in a row: every sample of its shards is
+    skipped (corrupt, filtered out, misshapen). The message is one line naming the reader and its skip counts.
+
+    Loader re-raises it with that line alone. Raised through a bare DataLoader with workers, torch re-raises it
+    by calling the class with one string, its own "Caught ... in DataLoader worker process N" text with the
+    worker's traceback (the reason the constructor takes a single message); one_line() recovers the line.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+
+
+def one_line(exc: BaseException) -> str:
+    """The one-line message of `exc`, also when torch re-raised it from a DataLoader worker with the worker's
+    traceback folded into its text: there the line is the traceback's last "<module>.<Class>: <message>"."""
+    text = str(exc).strip()
+    if "\n" not in text:
+        return text
+    name = type(exc).__name__
+    for line in reversed(text.splitlines()):
+        head, sep, rest = line.partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == name:
+            return rest.strip()
+    return text.splitlines()[-1].strip()
 
 
 def expand_shards(shards: str | Sequence[str]) -> list[str]:
@@ -277,7 +304,7 @@ def reader_batches(
         epoch += 1
         empty_epochs = 0 if used else empty_epochs + 1
         if empty_epochs >= MAX_EMPTY_EPOCHS:
-            raise RuntimeError(
+            raise NoUsableSamples(
                 f"reader rank {plan.rank} worker {plan.worker} found no usable sample in {empty_epochs} "
                 f"epochs in a row (skips so far: {dict(skips)}); check the shards and the filters"
             )
@@ -320,11 +347,12 @@ class _ReaderDataset(IterableDataset):
         seed: int,
         offset: int,
         starts: dict[int, dict[str, Any]],
+        shapes: LatentShapes | None = None,
     ):
         super().__init__()
         self.cfg, self.shards, self.batch_size = cfg, shards, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.offset, self.starts = offset, starts
+        self.offset, self.starts, self.shapes = offset, starts, shapes
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -343,7 +371,8 @@ class _ReaderDataset(IterableDataset):
             group_shards=self.cfg.shuffle_group_shards,
             shuffle_buffer=self.cfg.shuffle_buffer,
         )
-        yield from reader_batches(plan, make_decoder(self.cfg), self.batch_size, self.starts.get(worker))
+        decoder = make_decoder(self.cfg, self.shapes)
+        yield from reader_batches(plan, decoder, self.batch_size, self.starts.get(worker))
 
 
 class Loader:
@@ -384,6 +413,8 @@ class Loader:
             )
         self._identity = stream_identity(cfg, num_shards=len(self.shards), batch_size=batch_size, rank=rank,
                                          world_size=world_size, seed=seed)
+        # Read once here, so every reader (and a resumed one) skips the same misshapen latent samples.
+        self.latent_shapes = latent_shapes(self.shards) if cfg.kind == "latents" else None
         self._batches = 0
         self._positions: dict[int, dict[str, Any]] = {}
         if state is not None:
@@ -429,6 +460,7 @@ class Loader:
             self.seed,
             offset=self._batches % self.num_readers,
             starts=copy.deepcopy(self._positions),
+            shapes=self.latent_shapes,
         )
         workers = self.cfg.num_workers
         return DataLoader(
@@ -440,11 +472,15 @@ class Loader:
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self._dataloader():
-            position = batch.pop("_position")
-            self._positions[int(position["worker"])] = position
-            self._batches += 1
-            yield batch
+        """Batches forever; NoUsableSamples (its one line, without a worker's traceback) when a reader has none."""
+        try:
+            for batch in self._dataloader():
+                position = batch.pop("_position")
+                self._positions[int(position["worker"])] = position
+                self._batches += 1
+                yield batch
+        except NoUsableSamples as exc:
+            raise NoUsableSamples(one_line(exc)) from None
 
 
 def stream_identity(cfg: Any, *, num_shards: int, batch_size: int, rank: int, world_size: int, seed: int

@@ -14,7 +14,7 @@ from PIL import Image
 
 from data.config import DataConfig
 from data.images import to_rgb
-from data.stream import build_loader
+from data.stream import MAX_EMPTY_EPOCHS, NoUsableSamples, build_loader, one_line
 from data.synthetic import encode_image, synthetic_image
 
 SIZE = 32  # px: the images are exactly the crop size, so converted pixels can be compared exactly
@@ -195,3 +195,45 @@ def test_a_stream_without_usable_samples_fails_instead_of_hanging(tmp_path):
     loader = build_loader(_cfg(path), batch_size=1, rank=0, world_size=1, seed=0)
     with pytest.raises(RuntimeError, match="no usable sample"):
         next(iter(loader))
+
+
+def _garbage_shard(folder) -> str:
+    """One shard whose 8 .png files are not images."""
+    path = str(folder / "000000.tar")
+    with wds.TarWriter(path) as writer:
+        for i in range(8):
+            writer.write({"__key__": f"garbage{i}", "png": b"\x89PNG not really" * (i + 1), "json": CAPTION})
+    return path
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_no_usable_sample_is_one_line_of_its_own_type(tmp_path, num_workers):
+    """The trainer catches NoUsableSamples by name and prints its line; with a worker process torch re-raised it
+    with the worker's traceback in its text, which the Loader strips."""
+    loader = build_loader(_cfg(_garbage_shard(tmp_path), num_workers=num_workers), batch_size=1, rank=0,
+                          world_size=1, seed=0)
+    with pytest.raises(NoUsableSamples) as caught:
+        next(iter(loader))
+    message = str(caught.value)
+    assert message == (f"reader rank 0 worker 0 found no usable sample in {MAX_EMPTY_EPOCHS} epochs in a row (skips "
+                       f"so far: {{'bad_image': {8 * MAX_EMPTY_EPOCHS}}}); check the shards and the filters")
+    assert isinstance(caught.value, RuntimeError) and one_line(caught.value) == message
+
+
+def test_one_line_recovers_the_message_from_a_workers_traceback(tmp_path):
+    """A bare DataLoader with a worker re-raises NoUsableSamples (its class, one string argument) with torch's
+    "Caught ... in DataLoader worker process 0" and the traceback as its text; one_line gives the line back, the
+    same as without workers."""
+    messages = []
+    for num_workers in (0, 1):
+        loader = build_loader(_cfg(_garbage_shard(tmp_path), num_workers=num_workers), batch_size=1, rank=0,
+                              world_size=1, seed=0)
+        with pytest.raises(NoUsableSamples) as caught:
+            next(iter(loader._dataloader()))  # the torch DataLoader itself, without Loader's re-raise
+        if num_workers:
+            assert "Caught NoUsableSamples in DataLoader worker process 0" in str(caught.value)
+            assert "Traceback" in str(caught.value)
+        messages.append(one_line(caught.value))
+    assert messages[0] == messages[1] and messages[0].startswith("reader rank 0 worker 0 found no usable sample")
+    assert "\n" not in messages[0]
+    assert one_line(ValueError("plain")) == "plain"

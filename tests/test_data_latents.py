@@ -219,3 +219,73 @@ def test_shards_whose_every_sample_is_skipped_end_with_an_error(tiny_pipeline_di
                                       "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "error: no sample could be encoded" in err, err
+
+
+LATENT, TOKENS, WIDTH, POOLED = (4, 32, 32), 77, 64, 32  # the good samples' shapes (the tiny teacher's, at 64 px)
+# key -> (latents, prompt_embeds, pooled_prompt_embeds shapes, json target_size): right dimensions, wrong shape.
+MISSHAPEN = {
+    "small_latents": ((4, 16, 16), (TOKENS, WIDTH), (POOLED,), [64, 64]),  # 16x16 cells of a 64 px crop: factor 4
+    "three_channels": ((3, 32, 32), (TOKENS, WIDTH), (POOLED,), [64, 64]),
+    "untiled": ((4, 32, 24), (TOKENS, WIDTH), (POOLED,), [64, 64]),  # no one VAE factor for both sides
+    "narrow_text": (LATENT, (TOKENS, 5), (POOLED,), [64, 64]),
+    "short_text": (LATENT, (40, WIDTH), (POOLED,), [64, 64]),
+    "narrow_pooled": (LATENT, (TOKENS, WIDTH), (7,), [64, 64]),
+}
+
+
+def _latent_sample(key: str, latents: tuple, prompt: tuple, pooled: tuple, target: list[int]) -> dict:
+    rng = np.random.default_rng(len(key))
+    meta = {"caption": f"caption of {key}", "original_size": target, "crop_top_left": [0, 0], "target_size": target}
+    arrays = {"latents.npy": latents, "prompt_embeds.npy": prompt, "pooled_prompt_embeds.npy": pooled}
+    return {"__key__": key, "json": json.dumps(meta).encode(),
+            **{name: rng.standard_normal(shape).astype(np.float16) for name, shape in arrays.items()}}
+
+
+def _misshapen_shard(folder: Path, extra: dict | None = None) -> tuple[str, list[str]]:
+    """A latent shard of 6 good samples with MISSHAPEN (and `extra`) between them, a misshapen one first (it must
+    not set the shapes) and a good one last; returns (path, good keys in tar order)."""
+    folder.mkdir()
+    bad = {**MISSHAPEN, **(extra or {})}
+    good = [f"good{i}" for i in range(6)]
+    order = [*bad][:1] + [k for pair in itertools.zip_longest(good[:-1], [*bad][1:]) for k in pair if k] + good[-1:]
+    with wds.TarWriter(str(folder / "000000.tar")) as writer:
+        for key in order:
+            writer.write(_latent_sample(key, *bad.get(key, (LATENT, (TOKENS, WIDTH), (POOLED,), [64, 64]))))
+    return str(folder / "000000.tar"), good
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_misshapen_latent_samples_are_skipped_and_counted(tmp_path, num_workers):
+    """Arrays with the right dimensions but another shape (latent channels or grid, text tokens or widths, pooled
+    width) used to reach np.stack in collate and end the run; now each is skipped as bad_latent_shape."""
+    from data.decode import first_latent_example, latent_shapes
+
+    path, good = _misshapen_shard(tmp_path / "lat")
+    shapes = latent_shapes([path])  # most of the first samples, not the misshapen first one
+    assert (shapes.channels, shapes.factor, shapes.prompt_embeds, shapes.pooled) == (4, 2, (TOKENS, WIDTH), POOLED)
+    assert first_latent_example([path]).key == "good0"
+    cfg = DataConfig(shards=path, kind="latents", num_workers=num_workers, shuffle_buffer=1)
+    loader = build_loader(cfg, batch_size=2, rank=0, world_size=1, seed=0)
+    batches = list(itertools.islice(iter(loader), len(good) // 2))
+    assert [k for b in batches for k in b["keys"]] == good  # shuffle_buffer=1 keeps the tar order
+    assert loader.skip_counts() == {"bad_latent_shape": len(MISSHAPEN)}
+    for batch in batches:
+        assert batch["latents"].shape == (2, *LATENT) and batch["prompt_embeds"].shape == (2, TOKENS, WIDTH)
+        assert batch["pooled_prompt_embeds"].shape == (2, POOLED)
+
+
+def test_latents_json_decides_the_crop_sizes(tmp_path):
+    """A sample whose latent grid fits its own crop but not the resolution latents.json records is skipped; without
+    a manifest (nothing says which crops the set holds, e.g. buckets) it is kept, in a batch of its own shape."""
+    from data.decode import MANIFEST_FILE
+
+    half = {"half_size": ((4, 16, 16), (TOKENS, WIDTH), (POOLED,), [32, 32])}
+    for manifest in (True, False):
+        path, good = _misshapen_shard(tmp_path / f"lat{manifest}", half)
+        if manifest:
+            (tmp_path / f"lat{manifest}" / MANIFEST_FILE).write_text(json.dumps({"resolution": 64, "buckets": False}))
+        cfg = DataConfig(shards=path, kind="latents", num_workers=0, shuffle_buffer=1)
+        loader = build_loader(cfg, batch_size=1, rank=0, world_size=1, seed=0)
+        keys = [b["keys"][0] for b in itertools.islice(iter(loader), len(good) + (not manifest))]
+        assert keys == (good if manifest else [*good[:-1], "half_size", good[-1]])  # the tar's order
+        assert loader.skip_counts() == {"bad_latent_shape": len(MISSHAPEN) + manifest}

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     follow_launcher()
     import torch
 
+    from data.stream import NoUsableSamples, one_line
     from distill.teachers import TeacherError
     from train.checkpoint import CheckpointLoadError, CheckpointWriteError, RunLockedError, run_lock
     from train.loop import NonFiniteError, setup, train
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = train(run)
     except RunLockedError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except NoUsableSamples as exc:  # every sample of a reader's shards was skipped (all corrupt, or all misshapen)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except TeacherError as exc:  # found while loading, e.g. a folder that changed after the checks
         if first_rank:
