@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -98,3 +99,12 @@ def weights_problem(folder: str | Path) -> str | None:
             if problem := weights_file_problem(path):
                 return problem
     return None
+
+
+def error_summary(exc: BaseException) -> str:
+    """`Type: first sentence` of an exception's message (at most 300 characters), or `Type` when it has none:
+    library load errors (torch's unpickling advice, diffusers' weight-loading hints) go on for lines that do not
+    apply to a damaged file."""
+    first = (str(exc).strip().splitlines() or [""])[0].strip()
+    first = re.split(r"(?<=[.!?:])\s", first)[0].rstrip(".:")[:300]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -234,12 +234,13 @@ def load_source(
     """
     from safetensors import SafetensorError
 
+    from distill.files import error_summary
+
     try:
         return _load_source(Path(source), family, use_ema, device, dtype, unet_file)
     except (OSError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         # damage that the file checks below do not show (they read names, sizes and headers)
-        first = (str(exc).strip().splitlines() or [""])[0].strip()[:300]
-        raise SourceError(f"{source} cannot be loaded: {type(exc).__name__}: {first}") from exc
+        raise SourceError(f"{source} cannot be loaded: {error_summary(exc)}") from exc
 
 
 def _load_source(path: Path, family: str | None, use_ema: bool, device: str | torch.device, dtype: torch.dtype,

@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from torch import Tensor
 
-from distill.files import safetensors_problem, weights_problem
+from distill.files import error_summary, safetensors_problem, weights_problem
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -250,8 +250,7 @@ def load_teacher(
         return _load_parts(tcfg, path, device, with_vae, with_text, vae_dtype, text_dtype, unet_dtype)
     except (OSError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         # a file damaged in a way its header does not show (the config checks read headers and sizes only)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TeacherError(f"teacher.path={path} cannot be loaded: {type(exc).__name__}: {first}") from exc
+        raise TeacherError(f"teacher.path={path} cannot be loaded: {error_summary(exc)}") from exc
 
 
 def _load_parts(tcfg: Any, path: Path, device: torch.device | str, with_vae: bool, with_text: bool,

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distill.files import widen_to_umask
+from distill.files import error_summary, widen_to_umask
 
 CKPT_RE = re.compile(r"^step_(\d{9})$")
 META = "meta.json"
@@ -157,10 +157,7 @@ class CheckpointLoadError(RuntimeError):
 
 def load_failure(ckpt: Path, exc: BaseException) -> CheckpointLoadError:
     """CheckpointLoadError for `exc`, raised while loading `ckpt`."""
-    # the first sentence: torch's unpickling errors go on for lines of advice that do not apply here
-    first = re.split(r"(?<=[.!?:])\s", (str(exc).strip().splitlines() or [""])[0].strip())[0].rstrip(".:")[:300]
-    return CheckpointLoadError(damaged_refusal(ckpt, f"{type(exc).__name__}: {first}" if first
-                                               else type(exc).__name__))
+    return CheckpointLoadError(damaged_refusal(ckpt, error_summary(exc)))
 
 
 class CheckpointWriteError(OSError):
