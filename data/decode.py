@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import os
 import random
@@ -294,31 +295,43 @@ def _manifest_shapes(folder: str) -> LatentShapes:
     return LatentShapes(target_sizes=frozenset(sizes))
 
 
+# How many local shards the checks before training read, in order, before concluding: a first shard that is
+# damaged or empty (which the stream skips and counts) does not decide for the whole set.
+PROBE_SHARDS = 4
+
+
+def _probe_shards(urls: Sequence[str]) -> list[str]:
+    """The first PROBE_SHARDS local files of `urls` (pipe: and remote URLs are not read before training)."""
+    return list(itertools.islice((u for u in urls if os.path.isfile(u)), PROBE_SHARDS))
+
+
 def _reference(urls: Sequence[str], max_samples: int) -> tuple[LatentShapes, Example | None]:
     """(the shard set's latent shapes, the first example that has them), from the first `max_samples` samples of
-    the first local shard in `urls`: the crop sizes from latents.json beside it, the array shapes those of most of
-    its samples that fit them (the first one's on a tie), so one misshapen first sample does not set them. Nothing
-    is known without a local shard (pipe:, URLs)."""
-    local = next((u for u in urls if os.path.isfile(u)), None)
-    if local is None:
+    the first local shard in `urls` that holds a usable one (of the first PROBE_SHARDS): the crop sizes from
+    latents.json beside it, the array shapes those of most of its samples that fit them (the first one's on a
+    tie), so one misshapen first sample does not set them. Nothing is known without a local shard (pipe:, URLs)."""
+    local = _probe_shards(urls)
+    if not local:
         return LatentShapes(), None
-    known = _manifest_shapes(os.path.dirname(local))
-    decoder = LatentDecoder(DataConfig(shards=local, kind="latents"), known, learn=False)
-    examples: list[tuple[tuple[Any, ...], Example]] = []
-    for n, sample in enumerate(_tar_samples(local)):
-        if n >= max_samples:
-            break
-        try:
-            example = decoder(sample, random.Random(0))
-        except SkipSample:
-            continue
-        seen = _seen_shapes(example.latents, example.prompt_embeds, example.pooled_prompt_embeds, example.target_size)
-        examples.append((seen.arrays, example))
-    if not examples:
-        return known, None
-    arrays = Counter(a for a, _ in examples).most_common(1)[0][0]  # equal counts keep first-seen order
-    shapes = LatentShapes(*arrays, target_sizes=known.target_sizes)
-    return shapes, next(ex for a, ex in examples if a == arrays)
+    known = _manifest_shapes(os.path.dirname(local[0]))
+    for path in local:
+        decoder = LatentDecoder(DataConfig(shards=path, kind="latents"), known, learn=False)
+        examples: list[tuple[tuple[Any, ...], Example]] = []
+        for n, sample in enumerate(_tar_samples(path)):
+            if n >= max_samples:
+                break
+            try:
+                example = decoder(sample, random.Random(0))
+            except SkipSample:
+                continue
+            seen = _seen_shapes(example.latents, example.prompt_embeds, example.pooled_prompt_embeds,
+                                example.target_size)
+            examples.append((seen.arrays, example))
+        if examples:
+            arrays = Counter(a for a, _ in examples).most_common(1)[0][0]  # equal counts keep first-seen order
+            shapes = LatentShapes(*arrays, target_sizes=known.target_sizes)
+            return shapes, next(ex for a, ex in examples if a == arrays)
+    return known, None
 
 
 def latent_shapes(urls: Sequence[str], max_samples: int = 16) -> LatentShapes:
@@ -336,17 +349,19 @@ def first_latent_example(urls: Sequence[str], max_samples: int = 16) -> Example 
 
 
 def shard_kind(urls: Sequence[str], max_samples: int = 16) -> tuple[str | None, str] | None:
-    """("raw" or "latents", sample key) for the first sample of the first local shard in `urls` that holds an image
-    or the latents file (of its first `max_samples`); (None, shard path) when none of them does (not a tar, or a
-    tar of something else); None when no shard is a local file. A config check compares it with data.kind."""
-    local = next((u for u in urls if os.path.isfile(u)), None)
-    if local is None:
+    """("raw" or "latents", sample key) for the first sample that holds an image or the latents file, in the first
+    `max_samples` samples of each of the first PROBE_SHARDS local shards in `urls` in turn; (None, first shard's
+    path) when none of them holds one (not tars, or tars of something else); None when no shard is a local file.
+    A config check compares it with data.kind."""
+    local = _probe_shards(urls)
+    if not local:
         return None
-    for n, sample in enumerate(_tar_samples(local)):
-        if n >= max_samples:
-            break
-        if LATENT_FILES[0] in sample:
-            return "latents", sample["__key__"]
-        if _image_bytes(sample) is not None:
-            return "raw", sample["__key__"]
-    return None, local
+    for path in local:
+        for n, sample in enumerate(_tar_samples(path)):
+            if n >= max_samples:
+                break
+            if LATENT_FILES[0] in sample:
+                return "latents", sample["__key__"]
+            if _image_bytes(sample) is not None:
+                return "raw", sample["__key__"]
+    return None, local[0]

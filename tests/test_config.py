@@ -291,6 +291,38 @@ def test_shards_without_any_sample_are_one_line(tmp_path):
         validate(load_config([f"data.shards={tmp_path / 'notes.tar'}", "data.num_workers=1"]))
 
 
+def test_a_damaged_first_shard_does_not_decide_for_the_set(tmp_path, demo_shards):
+    """The kind check and the latent-shape reference read the first 16 samples of the first local shard; a first
+    shard cut short (which the stream skips and counts) refused the whole set as holding no sample."""
+    import shutil
+
+    from data.decode import PROBE_SHARDS, first_latent_example
+    from data.synthetic import write_synthetic_latent_shards
+
+    raw = tmp_path / "raw"
+    shutil.copytree(demo_shards, raw)
+    first = sorted(raw.glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes()[:700])  # the first member's header and a part of its data
+    validate(load_config([f"data.shards={raw}", "data.num_workers=1"]))
+    with pytest.raises(ConfigError, match="holds images \\(raw shards\\).*but data.kind=latents"):
+        validate(load_config(["data.kind=latents", f"data.shards={raw}", "data.num_workers=1"]))
+
+    latents = tmp_path / "latents"
+    write_synthetic_latent_shards(str(latents), num_shards=2, samples_per_shard=2, **TINY_LATENTS)
+    first = sorted(latents.glob("*.tar"))[0]
+    first.write_bytes(b"")
+    assert first_latent_example([str(p) for p in sorted(latents.glob("*.tar"))]) is not None
+    validate(load_config(["data.kind=latents", f"data.shards={latents}", "data.num_workers=1"]))
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(PROBE_SHARDS + 1):  # only the first PROBE_SHARDS are read: the last one is never reached
+        (junk / f"{i:06d}.tar").write_bytes(b"not a tar" if i < PROBE_SHARDS else (raw / "000003.tar").read_bytes())
+    with pytest.raises(ConfigError, match=f"000000.tar holds no image or latent sample in its first 16, nor do the "
+                                          f"next local shards \\(up to {PROBE_SHARDS} read\\)"):
+        validate(load_config([f"data.shards={junk}", "data.num_workers=1"]))
+
+
 def test_caption_dropout_on_latents_needs_the_empty_caption_file(tmp_path):
     from data.latents import EMPTY_PROMPT_FILE
     from data.synthetic import write_synthetic_latent_shards

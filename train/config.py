@@ -482,12 +482,13 @@ def _check_data(cfg: DictConfig, world_size: int) -> None:
             f"data.shards has {len(shards)} shards for {world_size} processes x {max(1, cfg.data.num_workers)} "
             f"workers = {readers} readers: set data.resampled=true, lower data.num_workers, or re-shard"
         )
-    from data.decode import shard_kind
+    from data.decode import PROBE_SHARDS, shard_kind
 
     found = shard_kind(shards)
     if found and found[0] is None:
+        more = f", nor do the next local shards (up to {PROBE_SHARDS} read)" if len(shards) > 1 else ""
         raise ConfigError(f"data.shards={cfg.data.shards}: {found[1]} holds no image or latent sample in its first "
-                          "16 (not a webdataset tar of images with captions, or of make latents' output)")
+                          f"16{more} (not a webdataset tar of images with captions, or of make latents' output)")
     if found and found[0] != cfg.data.kind:
         held = "images (raw shards)" if found[0] == "raw" else "precomputed latents (make latents)"
         raise ConfigError(f"data.shards={cfg.data.shards} holds {held}, e.g. sample {found[1]}, but "
