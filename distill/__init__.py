@@ -8,3 +8,15 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # Without torchvision (CPU installs), transformers substitutes the PIL image processors for CLIP/SigLIP, which is
 # what the CLIP score here uses anyway, and warns about it once per class on every run, before a config error too.
 logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+
+
+class _EmptyFloat32ListFilter(logging.Filter):
+    """diffusers 0.42 warns on every dtype cast of a model that modules of it "should be kept in float32", also
+    when that list is empty (its check compares `... or []` with None; huggingface/diffusers#13872): the empty case
+    says nothing and is dropped, a real list still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []." not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFloat32ListFilter())
