@@ -123,7 +123,7 @@ def test_two_ranks_agree_consume_disjoint_samples_and_share_the_lr_schedule(tmp_
 
 
 TWO_RANKS = """
-import sys, time
+import os, sys, time
 sys.path.insert(0, sys.argv[2])
 import torch.distributed as dist
 from train.loop import Run, _process_group
@@ -139,14 +139,18 @@ class Loader:  # rank 0 met 5 bad images, rank 1 met 6 and a truncated tar
 run = Run.__new__(Run)
 run.loader = Loader()
 print(f"rank {rank} skips {run.skip_counts_all_ranks()}", flush=True)
-if rank == 1:
-    time.sleep(24)  # rank 1 is slow (a long checkpoint write); rank 0 waits for it
+if rank == 1:  # rank 1 is slow (a long checkpoint write): it is back only after rank 0 stopped waiting for it
+    t0 = time.time()
+    while not os.path.exists(sys.argv[3]) and time.time() - t0 < 60:
+        time.sleep(0.1)
+    sys.exit(0)
 t0 = time.time()
 try:
     dist.barrier()
     print(f"rank {rank} passed")
 except RuntimeError as err:
-    print(f"rank {rank} gave up after {time.time() - t0:.1f} s: {str(err)[:200]}")
+    print(f"rank {rank} gave up after {time.time() - t0:.1f} s: {str(err)[:200]}", flush=True)
+open(sys.argv[3], "w").close()
 """
 
 
@@ -156,7 +160,8 @@ def test_two_ranks_sum_their_skip_counts_and_give_up_waiting_after_the_collectiv
     slow one."""
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS)
-    _, out, err = _finish(_start(["0.2", str(ROOT)], nproc=2, script=str(script)), timeout=120)
+    _, out, err = _finish(_start(["0.2", str(ROOT), str(tmp_path / "rank0_done")], nproc=2, script=str(script)),
+                          timeout=120)
     # the two ranks share one stdout, so their lines may interleave: match the pieces, not whole lines
     skips = dict(re.findall(r"rank (\d) skips (\{[^}]*\})", out))
     assert skips == {"0": "{'bad_image': 11, 'tar_error': 1}", "1": "{'bad_image': 11, 'tar_error': 1}"}, (out, err)
