@@ -279,14 +279,29 @@ def _tar_samples(path: str) -> Iterator[dict[str, Any]]:
         yield sample
 
 
+def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The settings latents.json in `folder` records (see data/latents.py: made_with), or None when there is none.
+    Raises ValueError when it is there but not a JSON object (damaged, or not a manifest)."""
+    path = os.path.join(folder, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            made = json.load(f)
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise ValueError(f"{path} cannot be read as JSON ({type(exc).__name__})") from exc
+    if not isinstance(made, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return made
+
+
 def _manifest_shapes(folder: str) -> LatentShapes:
     """The crop sizes latents.json in `folder` allows (its resolution, and its buckets if it made them); nothing
     known when it is absent or unreadable (shards made before manifests, or copied without theirs)."""
     try:
-        with open(os.path.join(folder, MANIFEST_FILE), encoding="utf-8") as f:
-            made = json.load(f)
+        made = read_manifest(folder)
         resolution, buckets, step = made["resolution"], made.get("buckets", False), made.get("bucket_step", 64)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):  # TypeError: no manifest (None)
         return LatentShapes()
     if not (isinstance(resolution, int) and resolution > 0 and isinstance(buckets, bool) and isinstance(step, int)
             and step > 0):

@@ -34,7 +34,7 @@ import webdataset as wds
 
 from data.captions import SkipSample
 from data.config import DataConfig
-from data.decode import MANIFEST_FILE, Example, RawDecoder
+from data.decode import MANIFEST_FILE, Example, RawDecoder, read_manifest
 from data.stream import Batcher, collate, expand_shards
 from distill.conditioning import encode_images, encode_prompts
 
@@ -240,10 +240,10 @@ def check_manifest(out: str, settings: dict[str, Any]) -> None:
         return
     if finished:
         try:
-            recorded = json.loads(path.read_text())
+            recorded = read_manifest(out)
         except ValueError:
             recorded = None
-        if not isinstance(recorded, dict):
+        if recorded is None:
             raise ValueError(f"{path} is not a latents manifest: remove it, or give another --out")
         changed = [f"{k} {recorded[k]!r} -> {v!r}" for k, v in settings.items()
                    if k not in ("pipeline", "raw_shards") and k in recorded and recorded[k] != v]

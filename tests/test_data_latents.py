@@ -191,6 +191,28 @@ def test_the_manifest_guards_finished_shards_only(tmp_path, caplog):
     assert "not checked" in caplog.text and not (old / MANIFEST_FILE).exists()
 
 
+@pytest.mark.parametrize("damage", [b"{\"resolution\": 6", b"[64]", b"\xff\xfe"])
+def test_a_damaged_manifest_guards_its_shards_and_tells_no_shapes(tmp_path, damage):
+    """latents.json cut short, not an object, or not UTF-8: make latents will not add shards beside it, and the
+    trainer's shape reference does not take crop sizes from it (it reads the samples' own)."""
+    from data.decode import MANIFEST_FILE, LatentShapes, _manifest_shapes, read_manifest
+    from data.latents import check_manifest
+
+    out = tmp_path / "lat"
+    out.mkdir()
+    assert read_manifest(out) is None and _manifest_shapes(str(out)) == LatentShapes()
+    (out / MANIFEST_FILE).write_text(json.dumps({"resolution": 64, "buckets": False}))
+    assert read_manifest(out) == {"resolution": 64, "buckets": False}
+    assert _manifest_shapes(str(out)).target_sizes == {(64, 64)}
+    (out / MANIFEST_FILE).write_bytes(damage)
+    with pytest.raises(ValueError, match=MANIFEST_FILE):
+        read_manifest(out)
+    assert _manifest_shapes(str(out)) == LatentShapes()
+    (out / "000000.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="is not a latents manifest: remove it, or give another --out"):
+        check_manifest(str(out), {"resolution": 64, "raw_shards": ["a.tar"]})
+
+
 def test_latent_shards_are_refused_as_input(tiny_pipeline_dir, tmp_path, capsys):
     """make latents on its own output skipped every sample and wrote empty shards with exit code 0."""
     from data.synthetic import write_synthetic_latent_shards
