@@ -1,6 +1,7 @@
 """Students, teachers, feature taps and losses of KOALA distillation."""
 
 import logging
+import warnings
 
 # bitsandbytes (the low-memory profile's 8-bit AdamW), imported by diffusers whenever it is installed, warns on
 # CPUs with AVX512-BF16 that an optional 4-bit matmul kernel package is missing; nothing here uses 4-bit matmuls.
@@ -20,3 +21,8 @@ class _EmptyFloat32ListFilter(logging.Filter):
 
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFloat32ListFilter())
+
+# DeepSpeed's ZeRO-2 gathers its partitions with torch.distributed.all_gather_into_tensor, which torch 2.13
+# deprecates in a FutureWarning printed on every rank at every step; nothing in this project calls it.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
