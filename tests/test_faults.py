@@ -340,3 +340,33 @@ def test_the_trainer_stops_when_its_launcher_dies(tmp_path):
         time.sleep(0.1)
     assert (tmp_path / "trainer.ready").read_text().strip() == "True"
     assert mark.read_text() == "SIGTERM"
+
+
+def test_a_two_rank_run_into_a_live_runs_folder_ends_every_rank_with_one_line(tmp_path, demo_shards,
+                                                                              tiny_pipeline_dir):
+    """The run lock is global rank 0's: with two ranks, rank 0 stops with the one line and exit code 2 before
+    loading anything, and the launcher ends rank 1, which would otherwise wait for rank 0 in the process group."""
+    from train.checkpoint import LOCK
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(  # another process holds the lock, as a live run's rank 0 does
+        [sys.executable, "-c", "import sys, time; from train.checkpoint import run_lock\n"
+         f"with run_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(180)"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        who = (out / LOCK).read_text().strip()
+        proc = _start(_args(out, demo_shards, tiny_pipeline_dir, "train.max_steps=2", "train.global_batch_size=4",
+                            "train.micro_batch_size=2"), nproc=2)
+        try:
+            code, _, err = _finish(proc, timeout=150)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("the ranks did not end: rank 1 waits for rank 0")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code != 0 and re.search(r"Root Cause.*?rank\s*:\s*0 .*?exitcode\s*:\s*2\b", err, re.S), err[-3000:]
+    errors = [ln for ln in err.splitlines() if "config error: " in ln]
+    assert len(errors) == 1 and f"is in use by a live run ({who})" in errors[0], err[-3000:]
+    assert not (out / "checkpoints").exists()
