@@ -6,7 +6,7 @@ the feature taps, `Distiller.forward`, autocast, backward, clipping, the optimiz
 live tensor storage and keeps the maximum. Two optimizer steps of min(accumulation, 2) micro-batches are played,
 so optimizer state and accumulated gradients are live in the second one, as in training. The first is cut short to
 its optimizer update, on zero gradients and untracked, since its forward and backward peak no higher than the
-second's: that halves the time and leaves the estimate as it was.
+second's: that saves a third of the time or more and leaves the estimate as it was.
 
 What it does not see, and how the estimate relates to measurements:
 - The CUDA caching allocator's rounding and fragmentation, CUDA kernels' workspaces, and CUDA autocast's op lists
