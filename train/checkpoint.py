@@ -112,7 +112,7 @@ def finalize(output_dir: str | Path, step: int, meta: dict[str, Any], keep_last:
     return final
 
 
-LOCK = ".run.lock"  # in the run folder: held (flock) by the run's global rank 0 while it trains
+LOCK = ".run.lock"  # in the run folder: held (lockf) by the run's global rank 0 while it trains
 
 
 class RunLockedError(RuntimeError):
