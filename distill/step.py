@@ -93,6 +93,7 @@ class Distiller:
         self.phases: PhaseTimer | None = None  # a benchmark attaches one to see where the step's time goes
         # The student's inputs go in its weights' dtype when that is a half type: DeepSpeed's bf16/fp16 mode casts
         # the weights and, unlike autocast, not the inputs. An fp32 student (autocast, the default) gets fp32.
+        # The time ids (sizes and crops in pixels) stay fp32 for both models (see forward).
         weights = next((p.dtype for p in (student_unwrapped or student).parameters() if p.is_floating_point()),
                        torch.float32)
         self.student_input_dtype = weights if weights in (torch.bfloat16, torch.float16) else None
@@ -131,10 +132,13 @@ class Distiller:
         t_dtype = self.teacher.unet.dtype
         begin_phase(self.phases, "teacher_fwd")
         self.tap_t.clear()
+        # SDXL's size and crop conditioning stays fp32 for both models: bf16 holds whole numbers exactly only up to
+        # 256 (1457 px would reach the U-Net as 1456), and diffusers embeds time ids in fp32 whatever the weights.
+        time_ids = x.time_ids.float()
         with torch.no_grad(), torch.autocast(device.type, enabled=False):  # teacher.dtype, not the student's autocast
             teacher_out = self.teacher.unet(
                 noisy.to(t_dtype), timesteps, encoder_hidden_states=x.prompt_embeds.to(t_dtype),
-                added_cond_kwargs={"text_embeds": x.pooled.to(t_dtype), "time_ids": x.time_ids.to(t_dtype)},
+                added_cond_kwargs={"text_embeds": x.pooled.to(t_dtype), "time_ids": time_ids},
             ).sample
         begin_phase(self.phases, "student_fwd")
         self.tap_s.clear()
@@ -143,7 +147,7 @@ class Distiller:
             noisy.to(s_in or noisy.dtype), timesteps,
             encoder_hidden_states=x.prompt_embeds.to(s_in or x.prompt_embeds.dtype),
             added_cond_kwargs={"text_embeds": x.pooled.to(s_in or x.pooled.dtype),
-                               "time_ids": x.time_ids.to(s_in or x.time_ids.dtype)},
+                               "time_ids": time_ids},
         ).sample
         if len(self.tap_s.features) != len(self.pairs) or len(self.tap_t.features) != len(self.pairs):
             # e.g. a wrapper or a compiled region that bypasses Module.__call__: never train without the features

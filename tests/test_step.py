@@ -150,3 +150,30 @@ def test_hooks_that_do_not_fire_are_an_error(teacher, tiny_unets):
     with pytest.raises(RuntimeError, match="hooks did not fire"):
         step.forward(_inputs(bundle), torch.Generator().manual_seed(1))
     step.close()
+
+
+def test_half_precision_models_get_exact_size_and_crop_conditioning(teacher, tiny_unets):
+    """SDXL's time ids are pixel sizes and crop offsets. A bf16 teacher (the default) and a bf16 student (DeepSpeed's
+    bf16 mode) must both embed the exact values: before, they were cast to bf16 on the way in, and 1457 px reached
+    the U-Net as 1456 (bf16 holds whole numbers exactly only up to 256)."""
+    tcfg, bundle = teacher
+    half = copy.copy(bundle)
+    half.unet = copy.deepcopy(bundle.unet).to(torch.bfloat16)
+    student = copy.deepcopy(tiny_unets[1]).to(torch.bfloat16)
+    step = Distiller(half, student, match_features(half.unet, student), tcfg, OmegaConf.structured(DistillConfig()))
+    ids = torch.tensor([[1457.0, 1274, 37, 213, 1024, 1024], [777.0, 1025, 0, 0, 1024, 1024]])
+    assert not torch.equal(ids.bfloat16().float(), ids)  # the values bf16 would round
+    seen = {}
+    hooks = [m.add_time_proj.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0]))
+             for name, m in (("teacher", half.unet), ("student", student))]
+    x = _inputs(bundle)
+    try:
+        losses = step.forward(UNetInputs(x.latents, x.prompt_embeds, x.pooled, ids), torch.Generator().manual_seed(1))
+    finally:
+        for h in hooks:
+            h.remove()
+        step.close()
+    for name in ("teacher", "student"):
+        assert seen[name].dtype == torch.float32, name
+        torch.testing.assert_close(seen[name], ids.flatten(), rtol=0, atol=0)
+    assert torch.isfinite(losses["total"]) and losses["out_kd"] > 0
