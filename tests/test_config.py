@@ -386,6 +386,10 @@ def test_the_latent_check_reads_past_an_unreadable_first_sample(tmp_path):
     (True, 2, True, 4, "DeepSpeed ranks 2 -> 4"),
     (True, 2, True, 2, None),
     (False, 2, False, 4, None),  # Accelerate's DDP state loads on any number of processes
+    # the check before `accelerate launch` (make train, slurm_train.sh) cannot know whether it will use DeepSpeed
+    (True, 2, None, 2, None),
+    (False, 2, None, 4, None),
+    (True, 2, None, 4, "DeepSpeed ranks 2 -> 4"),  # refused with DeepSpeed or without it
 ])
 def test_a_resume_across_launchers_is_one_line(tmp_path, demo_shards, monkeypatch, saved_deepspeed, saved_world,
                                                 launch_deepspeed, world, needle):
@@ -398,14 +402,18 @@ def test_a_resume_across_launchers_is_one_line(tmp_path, demo_shards, monkeypatc
     (ckpt / "meta.json").write_text(json.dumps({"step": 4, "world_size": saved_world}))
     if saved_deepspeed:
         (ckpt / "pytorch_model").mkdir()
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true" if launch_deepspeed else "false")
+    if launch_deepspeed is None:  # as in the pre-launch check: the environment says nothing
+        monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true" if launch_deepspeed else "false")
     cfg = load_config([f"data.shards={demo_shards}", "data.num_workers=1", f"train.resume={ckpt}",
                        "train.global_batch_size=8", "train.micro_batch_size=2"])
+    known = launch_deepspeed is not None
     if needle is None:
-        validate(cfg, world_size=world)
+        validate(cfg, world_size=world, launch_known=known)
         return
     with pytest.raises(ConfigError) as info:
-        validate(cfg, world_size=world)
+        validate(cfg, world_size=world, launch_known=known)
     assert needle in str(info.value) and "step_000000004" in str(info.value)
 
 
@@ -583,6 +591,21 @@ def test_check_only_says_the_run_in_one_line_and_help_lists_the_groups(demo_shar
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert entry.main(args) == 2
     assert "3 x 2" in capsys.readouterr().err
+    # A resume of a DeepSpeed checkpoint: before `accelerate launch` it is not known whether the launch will use
+    # DeepSpeed, so the check passes it (before, every `make train` or requeued Slurm job was refused here); the
+    # launched ranks, whose environment says, compare it.
+    ckpt = tmp_path / "ds" / "checkpoints" / "step_000000004"
+    (ckpt / "pytorch_model").mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 4, "world_size": 2}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("ACCELERATE_USE_DEEPSPEED", *entry.LAUNCHER_ENV):
+        monkeypatch.delenv(key, raising=False)
+    resume = [*args, f"train.output_dir={tmp_path / 'ds'}", "train.resume=latest"]
+    assert entry.main(resume) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("config ok:")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # launched, without DeepSpeed
+    assert entry.main(resume) == 2
+    assert "written with DeepSpeed, launched without it" in capsys.readouterr().err
     assert entry.main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "experiment: demo, koala_1b," in text and "teacher: sdxl_base, sdxl_lightning, sdxl_turbo, tiny" in text

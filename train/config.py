@@ -221,21 +221,32 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
 )
 
 
-def validate(cfg: DictConfig, world_size: int = 1) -> None:
+def launch_uses_deepspeed() -> bool:
+    """Whether this process was started by `accelerate launch` with DeepSpeed (the launcher sets
+    ACCELERATE_USE_DEEPSPEED=true then, and nothing otherwise)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def validate(cfg: DictConfig, world_size: int = 1, *, launch_known: bool = True) -> None:
     """Semantic checks that need no model: choices, paths, shards, student vs teacher, batch arithmetic, the
     checkpoint a resume reads.
 
+    launch_known: whether the launcher's environment says if this launch uses DeepSpeed; False for the check that
+    `make train` and scripts/slurm_train.sh run before `accelerate launch`. A resume is then not compared with the
+    checkpoint on that point; the launched ranks compare it, before any model loads.
     Raises ConfigError with one line naming the key.
     """
     from distill.teachers import TeacherError
 
     try:
-        _validate(cfg, world_size)
+        _validate(cfg, world_size, launch_uses_deepspeed() if launch_known else None)
     except TeacherError as exc:  # a teacher folder whose files cannot be read, found while reading its configs
         raise ConfigError(str(exc)) from exc
 
 
-def _validate(cfg: DictConfig, world_size: int) -> None:
+def _validate(cfg: DictConfig, world_size: int, deepspeed: bool | None) -> None:
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -323,7 +334,7 @@ def _validate(cfg: DictConfig, world_size: int) -> None:
     if tr.resume not in (None, "latest") and not Path(tr.resume).is_dir():
         raise ConfigError(f"train.resume={tr.resume} is neither 'latest' nor a checkpoint folder")
     if tr.resume is not None:
-        _check_state_resume(cfg, world_size)
+        _check_state_resume(cfg, world_size, deepspeed)
     if tr.resume is not None and tr.resume_data == "exact":
         _check_data_resume(cfg, world_size)
 
@@ -359,14 +370,15 @@ _LAYOUT_KEYS = {"world_size": "processes", "num_workers": "data.num_workers (min
                 "resampled": "data.resampled", "kind": "data.kind", "version": "loader state version"}
 
 
-def resume_state_changes(cfg: DictConfig, ckpt_dir: Path, world_size: int = 1) -> list[str]:
+def resume_state_changes(cfg: DictConfig, ckpt_dir: Path, world_size: int = 1,
+                         deepspeed: bool | None = None) -> list[str]:
     """What keeps this run from loading the training state of `ckpt_dir` (empty when it can): another student
     architecture (this run's student U-Net config against the checkpoint's student/config.json), another optimizer
     (its state has another layout), EMA turned on or off (Accelerate restores a fixed list of objects), DeepSpeed
-    on one side only (another file layout), or another number of DeepSpeed ranks (partitioned optimizer states).
-    Whether this launch uses DeepSpeed is read from `accelerate launch`'s environment."""
+    on one side only (another file layout), or another number of DeepSpeed ranks (partitioned optimizer states,
+    which no launch of another size can load). deepspeed: whether this launch uses DeepSpeed (None: not known,
+    see `validate`)."""
     import json
-    import os
 
     from distill.students import derive_student_config, resolve_spec
     from distill.teachers import teacher_unet_config
@@ -390,17 +402,16 @@ def resume_state_changes(cfg: DictConfig, ckpt_dir: Path, world_size: int = 1) -
         if was is not None and was != cfg.train[key]:
             changes.append(f"train.{key} {json.dumps(was)} -> {json.dumps(cfg.train[key])}")
     saved_deepspeed = (ckpt_dir / "pytorch_model").is_dir()  # Accelerate's folder for the DeepSpeed engine
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if saved_deepspeed != deepspeed:
+    if deepspeed is not None and saved_deepspeed != deepspeed:
         changes.append(f"written {'with' if saved_deepspeed else 'without'} DeepSpeed, launched "
                        f"{'with' if deepspeed else 'without'} it")
     saved_world = read_meta(ckpt_dir).get("world_size")
-    if saved_deepspeed and deepspeed and saved_world not in (None, world_size):
+    if saved_deepspeed and deepspeed is not False and saved_world not in (None, world_size):
         changes.append(f"DeepSpeed ranks {saved_world} -> {world_size} (each holds its part of the optimizer state)")
     return changes
 
 
-def _check_state_resume(cfg: DictConfig, world_size: int) -> None:
+def _check_state_resume(cfg: DictConfig, world_size: int, deepspeed: bool | None) -> None:
     from train.checkpoint import checkpoint_problem, damaged_refusal, resolve_resume
 
     try:
@@ -411,7 +422,7 @@ def _check_state_resume(cfg: DictConfig, world_size: int) -> None:
         return
     if problem := checkpoint_problem(ckpt_dir):
         raise ConfigError(damaged_refusal(ckpt_dir, problem))
-    changes = resume_state_changes(cfg, ckpt_dir, world_size)
+    changes = resume_state_changes(cfg, ckpt_dir, world_size, deepspeed)
     if changes:
         shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         raise ConfigError(

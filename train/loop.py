@@ -302,10 +302,12 @@ def _process_group(timeout_min: float) -> tuple[bool, int]:
 
     from accelerate import PartialState
 
+    from train.config import launch_uses_deepspeed
+
     timeout = timedelta(minutes=timeout_min)
     if torch.cuda.is_available():
         return False, PartialState(timeout=timeout).num_processes
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if launch_uses_deepspeed():
         return False, PartialState(cpu=False, backend="gloo", timeout=timeout).num_processes
     return True, PartialState(cpu=True, timeout=timeout).num_processes
 

@@ -56,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [o for o in overrides if o != "--check"]
     first_rank = os.environ.get("RANK", "0") == "0"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # Before `accelerate launch` (make train, scripts/slurm_train.sh) whether the launch will use DeepSpeed is
+    # not known here; the launched ranks check that against a resumed checkpoint.
+    launched = any(k in os.environ for k in LAUNCHER_ENV)
     try:
         cfg = load_config(overrides)
-        validate(cfg, world_size=world_size)
+        validate(cfg, world_size=world_size, launch_known=launched or not check_only)
     except ConfigError as exc:
         if first_rank:
             print(f"config error: {exc}", file=sys.stderr)
