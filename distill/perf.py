@@ -246,8 +246,8 @@ def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def supports_device_skip(optimizer: torch.optim.Optimizer, mixed_precision: str) -> bool:
     """Whether non-finite updates can be skipped on the device: torch's fused Adam/AdamW honours `found_inf`
     (fp16 runs leave that to Accelerate's GradScaler, which uses the same attribute)."""
-    return (isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
-            and mixed_precision != "fp16")
+    return (isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and mixed_precision != "fp16"
+            and all(group.get("fused") for group in optimizer.param_groups))  # the groups: a loaded state sets them
 
 
 class DeviceSkip:

@@ -4,6 +4,7 @@ loads in diffusers, numerical faults are skipped and counted."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import stat
 from pathlib import Path
@@ -603,3 +604,40 @@ def test_a_second_run_into_a_live_runs_folder_is_one_line(tmp_path, demo_shards,
         holder.wait()
     assert _main_with_full_disk(out, demo_shards, tiny_pipeline_dir, monkeypatch, None, "train.max_steps=1",
                                 "train.export=false") == 0
+
+
+def test_a_resume_takes_the_configs_optimizer_settings(tmp_path, demo_shards, tiny_pipeline_dir, capsys):
+    """Loading the optimizer's and the LR scheduler's state brought back the saved LR, weight decay, betas, eps and
+    fused flag: a rollback with a lower train.lr trained on at the old one, and train.fused_adam turned on at a
+    resume crashed the on-device skip (a non-fused AdamW given found_inf). The config's values now hold from the
+    resumed step on, the moments are the saved ones, and the run says what changed."""
+    common = ("train.checkpoint_every=1", "train.ema=false", "train.lr_schedule=cosine", "train.warmup_steps=0",
+              "train.max_steps=4")
+    with pytest.raises(KeyboardInterrupt):
+        run_cfg(tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, *common, "train.lr=1e-3", "train.fused_adam=false"),
+                callbacks=[StopAt(3)])  # raised before step 3 is checkpointed
+    saved = torch.load(tmp_path / "checkpoints" / "step_000000002" / "optimizer.bin", weights_only=False)
+    capsys.readouterr()
+    seen = {}
+
+    class Look(Callback):
+        def on_step_end(self, run, losses):
+            if run.state.step == 3:
+                inner = run.lr_scheduler.optimizer
+                seen["groups"] = [dict(g, params=None) for g in inner.param_groups]
+                seen["skip"] = run.device_skip
+                seen["last_lr"] = run.lr_scheduler.get_last_lr()
+
+    _, summary = run_cfg(tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, *common, "train.lr=4e-4",
+                                  "train.fused_adam=true", "train.weight_decay=0.05", "train.adam_beta2=0.99",
+                                  "train.resume=latest"), callbacks=[Look()])
+    assert summary["steps"] == 4
+    out = capsys.readouterr().out
+    assert ("note: from step 2 on, train.lr 0.001 -> 0.0004; train.weight_decay 0.01 -> 0.05; train.adam_beta1/2 "
+            "(0.9, 0.999) -> (0.9, 0.99); train.fused_adam False -> True") in out, out
+    cosine = 0.5 * (1 + math.cos(math.pi * 3 / 4))  # the LR of step 4 (scheduler step 3 of 4)
+    (group,) = seen["groups"]
+    assert group["lr"] == pytest.approx(4e-4 * cosine) and seen["last_lr"] == [group["lr"]]
+    assert group["initial_lr"] == 4e-4 and group["weight_decay"] == 0.05 and group["betas"] == (0.9, 0.99)
+    assert group["fused"] is True and seen["skip"]  # the on-device skip drives the fused kernel
+    assert saved["param_groups"][0]["fused"] is False and saved["state"][0]["exp_avg"].abs().sum() > 0

@@ -449,6 +449,9 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
         # load_state restores Accelerate's micro-batch counter, which decides the syncing micro-batch; checkpoints
         # are written between optimizer steps, so 0 is right, and a new accumulation count stays in phase
         accelerator.step = 0
+        if changed := apply_optimizer_settings(lr_scheduler, tr):
+            say(f"note: from step {state.step} on, {'; '.join(changed)} (the config's values replace those the "
+                "checkpoint's optimizer held)")
         data_state = _resume_data_state(cfg, resume_from, accelerator.process_index, world, say)
         say(f"resumed from {resume_from} at step {state.step} ({state.samples_seen} samples seen)")
         saved = ((ckpt.read_meta(resume_from).get("config") or {}).get("train") or {}).get("global_batch_size")
@@ -499,6 +502,49 @@ def _empty_prompt(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     arrays = np.load(path)
     return torch.from_numpy(arrays["prompt_embeds"]), torch.from_numpy(arrays["pooled_prompt_embeds"])
+
+
+def apply_optimizer_settings(lr_scheduler: torch.optim.lr_scheduler.LambdaLR, tr: DictConfig) -> list[str]:
+    """After a resume, give the optimizer the config's settings; returns the changes, e.g. ["train.lr 1e-05 ->
+    5e-06"].
+
+    Loading an optimizer's state replaces its hyperparameters with the saved ones, and loading the LR scheduler
+    replaces its base LR: without this, a rollback with a lower `train.lr` trained on at the old one, and
+    `train.fused_adam` turned on at a resume left the non-fused AdamW that the on-device skip cannot drive. The
+    schedule's shape (warmup, max_steps, cosine) is the config's already: its function is not saved. The moments and
+    step counts stay as saved; a step count moves to where the (non-)fused kernel keeps it."""
+    optimizer = lr_scheduler.optimizer  # the torch optimizer (DeepSpeed's ZeRO optimizer shares its groups)
+    wanted = {"lr": ("train.lr", tr.lr), "weight_decay": ("train.weight_decay", tr.weight_decay),
+              "betas": ("train.adam_beta1/2", (tr.adam_beta1, tr.adam_beta2)), "eps": ("train.adam_eps", tr.adam_eps)}
+    if isinstance(optimizer, torch.optim.AdamW):
+        wanted["fused"] = ("train.fused_adam", bool(tr.fused_adam))
+    changed: dict[str, str] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        for key, (name, value) in wanted.items():
+            was = lr_scheduler.base_lrs[i] if key == "lr" else group.get(key)
+            if key == "betas":
+                was = tuple(was)
+            if was != value and not (key == "fused" and not was and not value):
+                changed[name] = f"{name} {_short(was)} -> {_short(value)}"
+        lr_scheduler.base_lrs[i] = group["initial_lr"] = tr.lr
+        group["lr"] = tr.lr * lr_scheduler.lr_lambdas[i](lr_scheduler.last_epoch)
+        group["weight_decay"], group["betas"], group["eps"] = tr.weight_decay, wanted["betas"][1], tr.adam_eps
+        if "fused" in wanted and bool(group.get("fused")) != bool(tr.fused_adam):
+            group["fused"], group["foreach"] = bool(tr.fused_adam), None
+            for p in group["params"]:  # the fused kernel keeps step counts on the parameter's device
+                state = optimizer.state.get(p) or {}
+                if torch.is_tensor(state.get("step")):
+                    on_device = group["fused"] or group.get("capturable")
+                    state["step"] = state["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return list(changed.values())
+
+
+def _short(value: Any) -> str:
+    """1e-05 for a float, (0.9, 0.999) for a tuple, str() otherwise."""
+    if isinstance(value, tuple):
+        return f"({', '.join(_short(v) for v in value)})"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _optimizer(cfg: DictConfig, student: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
