@@ -389,12 +389,15 @@ def test_resume_with_another_data_layout_is_refused_or_starts_the_next_epoch(tmp
     assert len(before) == 6 and len(after) == 12 == len(set(after))  # epoch 1 whole: the 12 demo samples once
 
 
-def test_a_preview_that_runs_out_of_memory_is_skipped_and_changes_nothing(tmp_path, tiny_pipeline_dir, monkeypatch,
-                                                                          capsys):
+def test_a_preview_without_memory_or_disk_is_skipped_and_changes_nothing(tmp_path, tiny_pipeline_dir, monkeypatch,
+                                                                        capsys):
     """On the latent path (VAE and text encoders loaded for previews only, kept in host memory between them) the
-    grid of step 2 fails with CUDA's out-of-memory error: one warning, the run goes on, the live weights come back
-    from the EMA swap, the final grid is drawn, and the student ends as in a run without previews. On a CUDA machine
-    the same test checks that the preview-only modules are back in host memory."""
+    grid of step 1 fails with CUDA's out-of-memory error and the one of step 2 meets a full disk: one warning each,
+    the run goes on, the live weights come back from the EMA swap, the later grids are drawn, and the student ends
+    as in a run without previews. On a CUDA machine the same test checks that the preview-only modules are back in
+    host memory."""
+    import errno
+
     import distill.preview
     from train.bench import ensure_shards
 
@@ -402,22 +405,29 @@ def test_a_preview_that_runs_out_of_memory_is_skipped_and_changes_nothing(tmp_pa
     real = distill.preview.teacher_student_grid
     calls = []
 
+    class DiskFull:
+        def save(self, path):
+            Path(path).write_bytes(b"\x89PNG")  # a start, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
     def fails_first(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
-        return real(*args, **kwargs)
+        return DiskFull() if len(calls) == 2 else real(*args, **kwargs)
 
     monkeypatch.setattr(distill.preview, "teacher_student_grid", fails_first)
     common = ("data.kind=latents", "data.resampled=true", "train.max_steps=4", "train.checkpoint_every=0",
               "train.ema=true")
     out = tmp_path / "previews"
-    run, summary = run_cfg(tiny_cfg(out, latents, tiny_pipeline_dir, *common, "train.sample_every=2",
+    run, summary = run_cfg(tiny_cfg(out, latents, tiny_pipeline_dir, *common, "train.sample_every=1",
                                     "train.sample_at_end=true"))
-    assert summary["steps"] == 4 and len(calls) == 2
+    assert summary["steps"] == 4 and len(calls) == 4  # steps 1, 2, 3 and the end
     err = capsys.readouterr().err
-    assert err.count("warning: sample grid of step 2 skipped: out of GPU memory") == 1
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000004.png"]
+    assert err.count("warning: sample grid of step 1 skipped: out of GPU memory (1 skipped)") == 1
+    assert err.count("warning: sample grid of step 2 not written to ") == 1
+    assert "No space left on device (2 skipped); the run goes on" in err
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000003.png", "step_000000004.png"]
     assert len(run._preview_only) == 3  # VAE and both text encoders: not part of latent-path training
     assert all(p.device.type == "cpu" for module in run._preview_only for p in module.parameters())
     with_previews = {k: v.clone() for k, v in run.unwrapped.state_dict().items()}

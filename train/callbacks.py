@@ -136,7 +136,7 @@ class SampleGrid(Callback):
         self.every = every
         self.at_end = at_end
         self.last_path: Path | None = None
-        self.skipped = 0  # grids that ran out of GPU memory
+        self.skipped = 0  # grids that ran out of GPU memory or could not be written
 
     def on_step_end(self, run: Run, losses: dict[str, Tensor]) -> None:
         if self.every > 0 and run.state.step % self.every == 0 and run.state.step < run.cfg.train.max_steps:
@@ -147,8 +147,9 @@ class SampleGrid(Callback):
             self.draw(run)
 
     def draw(self, run: Run) -> None:
-        """Draw, save and log one grid (main process). A grid that runs out of GPU memory is skipped with one
-        warning line and counted in `skipped`: a preview never ends a run."""
+        """Draw, save and log one grid (main process). A grid that runs out of GPU memory, or whose file cannot be
+        written (a full disk, a quota), is skipped with one warning line and counted in `skipped`: a preview never
+        ends a run."""
         if run.teacher.path is None:  # a random-weight benchmark teacher has no pipeline to sample with
             return
         if run.accelerator.is_main_process:
@@ -171,12 +172,26 @@ class SampleGrid(Callback):
                 print(f"warning: sample grid of step {run.state.step} skipped: out of GPU memory ({self.skipped} "
                       "skipped); fewer train.sample_prompts or train.sample_every=0 avoid it", file=sys.stderr)
             else:
-                path = run.output_dir / "samples" / f"step_{run.state.step:09d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                grid.save(path)
-                self.last_path = path
-                run.log_image("samples/teacher_vs_student", path)
+                self._save(run, grid, run.output_dir / "samples" / f"step_{run.state.step:09d}.png")
         run.accelerator.wait_for_everyone()
+
+    def _save(self, run: Run, grid: Any, path: Path) -> None:
+        from train.checkpoint import write_error_reason
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+        except Exception as exc:
+            reason = write_error_reason(exc)
+            if reason is None:
+                raise
+            path.unlink(missing_ok=True)  # no half-written image
+            self.skipped += 1
+            print(f"warning: sample grid of step {run.state.step} not written to {path}: {reason} ({self.skipped} "
+                  "skipped); the run goes on", file=sys.stderr)
+            return
+        self.last_path = path
+        run.log_image("samples/teacher_vs_student", path)
 
 
 class Audit(Callback):
