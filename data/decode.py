@@ -150,9 +150,12 @@ def _load_npy(data: bytes | None, name: str) -> np.ndarray:
 
 
 def _pair(meta: dict[str, Any], name: str) -> tuple[int, int]:
+    """Two pixel counts (a size or a crop offset) from a latent sample's json: whole numbers in [0, 2**31), which
+    collate's int64 tensor and SDXL's time ids hold (JSON's integers are unbounded; a bool is not a count)."""
     value = meta.get(name)
-    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)):
-        raise SkipSample("bad_latents", f"json {name} is {value!r}, not [int, int]")
+    if not (isinstance(value, list) and len(value) == 2
+            and all(type(v) is int and 0 <= v < 2**31 for v in value)):
+        raise SkipSample("bad_latents", f"json {name} is {value!r}, not [int, int] in px")
     return value[0], value[1]
 
 

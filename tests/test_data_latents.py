@@ -311,3 +311,25 @@ def test_latents_json_decides_the_crop_sizes(tmp_path):
         keys = [b["keys"][0] for b in itertools.islice(iter(loader), len(good) + (not manifest))]
         assert keys == (good if manifest else [*good[:-1], "half_size", good[-1]])  # the tar's order
         assert loader.skip_counts() == {"bad_latent_shape": len(MISSHAPEN) + manifest}
+
+
+def test_latent_samples_with_impossible_sizes_are_skipped_and_counted(tmp_path):
+    """A latent sample's json sizes and crop offsets are pixel counts. A number no int64 holds used to end the run
+    in collate (torch.tensor overflow, outside the per-sample skip); negative ones and booleans went into SDXL's
+    time ids. Each is now skipped as bad_latents."""
+    bad = {"huge": {"original_size": [10**20, 64]}, "negative": {"crop_top_left": [-8, 0]},
+           "boolean": {"target_size": [True, 64]}, "float": {"original_size": [64.5, 64]}}
+    folder = tmp_path / "lat"
+    folder.mkdir()
+    order = ["good0", "huge", "good1", "negative", "boolean", "good2", "float", "good3"]
+    with wds.TarWriter(str(folder / "000000.tar")) as writer:
+        for key in order:
+            sample = _latent_sample(key, LATENT, (TOKENS, WIDTH), (POOLED,), [64, 64])
+            sample["json"] = json.dumps({**json.loads(sample["json"]), **bad.get(key, {})}).encode()
+            writer.write(sample)
+    cfg = DataConfig(shards=str(folder / "000000.tar"), kind="latents", num_workers=0, shuffle_buffer=1)
+    loader = build_loader(cfg, batch_size=2, rank=0, world_size=1, seed=0)
+    batches = list(itertools.islice(iter(loader), 2))
+    assert [k for b in batches for k in b["keys"]] == ["good0", "good1", "good2", "good3"]
+    assert loader.skip_counts() == {"bad_latents": len(bad)}
+    assert batches[0]["original_size"].tolist() == [[64, 64], [64, 64]]
