@@ -9,6 +9,7 @@ same module objects), and store references to the outputs: no copies.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -145,6 +146,7 @@ class FeatureTap:
 
     def __init__(self, model: torch.nn.Module, paths: dict[str, str]) -> None:
         self.features: dict[str, Tensor] = {}
+        self.active = True  # False: the hooks keep nothing (see `paused`)
         self._handles = []
         modules = dict(model.named_modules())
         for label, path in paths.items():
@@ -154,13 +156,25 @@ class FeatureTap:
 
     def _hook(self, label: str):
         def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
-            self.features[label] = _first_tensor(output)
+            if self.active:
+                self.features[label] = _first_tensor(output)
 
         return hook
 
     def clear(self) -> None:
         """Drop the stored features (call before a forward)."""
         self.features = {}
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Keep nothing while inside, e.g. while a preview samples with the hooked model: its features would
+        otherwise stay referenced (activations of the last denoising step) until the next training step."""
+        self.clear()
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
 
     def remove(self) -> None:
         """Detach all hooks."""

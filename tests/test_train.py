@@ -428,6 +428,9 @@ def test_a_preview_without_memory_or_disk_is_skipped_and_changes_nothing(tmp_pat
     assert err.count("warning: sample grid of step 2 not written to ") == 1
     assert "No space left on device (2 skipped); the run goes on" in err
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000003.png", "step_000000004.png"]
+    # the final grid sampled with both hooked U-Nets: their taps hold none of its activations
+    assert run.distiller.tap_t.features == {} and run.distiller.tap_s.features == {}
+    assert run.distiller.tap_t.active and run.distiller.tap_s.active
     assert len(run._preview_only) == 3  # VAE and both text encoders: not part of latent-path training
     assert all(p.device.type == "cpu" for module in run._preview_only for p in module.parameters())
     with_previews = {k: v.clone() for k, v in run.unwrapped.state_dict().items()}

@@ -248,13 +248,15 @@ class Run:
     @contextlib.contextmanager
     def preview_components(self) -> Iterator[dict[str, Any]]:
         """`teacher_components` with the preview-only modules on the training device while inside, back in host
-        memory on exit (also when drawing fails), so training never carries them."""
+        memory on exit (also when drawing fails), so training never carries them. The feature taps keep nothing
+        meanwhile."""
         components = self.teacher_components()
         device = self.accelerator.device
         try:
             for module in self._preview_only:
                 module.to(device)
-            yield components
+            with self.distiller.tap_t.paused(), self.distiller.tap_s.paused():
+                yield components
         finally:
             for module in self._preview_only:
                 module.to("cpu")
