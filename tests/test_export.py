@@ -112,3 +112,41 @@ def test_written_files_get_the_umask_permissions(tmp_path, tiny_pipeline_dir):
         os.umask(old)
     assert (mode(tmp_path / "d"), mode(tmp_path / "d" / "w.safetensors")) == (0o755, 0o644)
     assert mode(tmp_path / "d" / "run.sh") == 0o744  # widened like any file, its owner bits kept
+
+
+def test_an_export_killed_between_its_renames_keeps_a_whole_one(tmp_path, tiny_pipeline_dir, tiny_unets, monkeypatch):
+    """A new export replaces an earlier one by renaming the earlier one aside, then the new one into place. Killed
+    between the two renames, the earlier one is still whole (under export.old); the next export takes over and
+    leaves no leftover."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from distill.config import TeacherConfig
+    from train.export import export_pipeline
+
+    tcfg = OmegaConf.structured(TeacherConfig(path=str(tiny_pipeline_dir), dtype="fp32"))
+    student = tiny_unets[1]
+    out = tmp_path / "export"
+    export_pipeline(tiny_pipeline_dir, tcfg, student, out)
+    first = _unet(out / "unet")
+    real_rename = Path.rename
+
+    def killed_at_the_second(self, target):
+        if Path(target) == out:
+            raise KeyboardInterrupt  # the new export is whole under export.tmp, the earlier one under export.old
+        return real_rename(self, target)
+
+    changed = type(student).from_config(student.config)
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "rename", killed_at_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            export_pipeline(tiny_pipeline_dir, tcfg, changed, out)
+    assert not out.exists()
+    kept = _unet(tmp_path / "export.old" / "unet")
+    assert kept.keys() == first.keys() and all(torch.equal(kept[k], first[k]) for k in first)
+    export_pipeline(tiny_pipeline_dir, tcfg, changed, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    again = _unet(out / "unet")
+    assert any(not torch.equal(again[k], first[k]) for k in first)  # the new student's weights
+    StableDiffusionXLPipeline.from_pretrained(out)

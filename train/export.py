@@ -22,10 +22,13 @@ _COPIED = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 def export_pipeline(teacher_path: Path, tcfg: Any, student: torch.nn.Module, out_dir: str | Path) -> Path:
     """Write the pipeline folder atomically (temporary folder, then rename) and return its path. A write that fails
-    removes the temporary folder and leaves an earlier export untouched."""
+    removes the temporary folder and leaves an earlier export untouched. An earlier export is renamed aside before
+    the new one takes its name and deleted after, so a kill at any point leaves one whole export on disk."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed export's
+    if out.exists():  # a killed export's `old` goes too; killed between the renames, `old` is the whole one: kept
+        shutil.rmtree(old, ignore_errors=True)
     try:
         _write(teacher_path, tcfg, student, tmp)
         widen_to_umask(tmp)
@@ -33,8 +36,9 @@ def export_pipeline(teacher_path: Path, tcfg: Any, student: torch.nn.Module, out
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
