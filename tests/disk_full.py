@@ -6,11 +6,13 @@ Imported by tests in-process, or run as the trainer in place of train/main.py:
 
     KOALA_TEST_DISK_FULL="RANK:STEP:BYTES" accelerate launch tests/disk_full.py <overrides>
 
-fills rank RANK's disk after step STEP (STEP=end: after the last step, before the export).
+fills rank RANK's disk after step STEP (STEP=end: after the last step, before the export). BYTES=mkdir: the
+folder of a checkpoint cannot be created there instead (ENOSPC), e.g. a node-local disk that is full.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import signal
@@ -29,17 +31,29 @@ class DiskFills(Callback):
     `max_bytes` cannot be written in this process. `release()` (also called when the loop stops on an error)
     lifts the limit."""
 
-    def __init__(self, step: int | None, max_bytes: int) -> None:
-        self.step, self.max_bytes = step, max_bytes
+    def __init__(self, step: int | None, max_bytes: int | None) -> None:
+        self.step, self.max_bytes = step, max_bytes  # max_bytes None: checkpoint folders cannot be created
         self._saved: tuple[Any, tuple[int, int]] | None = None
+        self._mkdir: Any = None
 
     def fill(self) -> None:
-        if self._saved is None:
+        if self.max_bytes is None and self._mkdir is None:
+            self._mkdir = mkdir = Path.mkdir
+
+            def full(path: Path, *args: Any, **kwargs: Any) -> None:
+                if path.name.startswith(".tmp-step_"):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+                mkdir(path, *args, **kwargs)
+
+            Path.mkdir = full  # type: ignore[method-assign]
+        elif self.max_bytes is not None and self._saved is None:
             # the kernel sends SIGXFSZ (which ends the process) unless it is ignored; then the write fails with EFBIG
             self._saved = (signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE))
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_bytes, self._saved[1][1]))
 
     def release(self) -> None:
+        if self._mkdir is not None:
+            Path.mkdir, self._mkdir = self._mkdir, None  # type: ignore[method-assign]
         if self._saved is not None:
             handler, limits = self._saved
             resource.setrlimit(resource.RLIMIT_FSIZE, limits)
@@ -75,5 +89,6 @@ if __name__ == "__main__":
 
     rank, step, max_bytes = os.environ["KOALA_TEST_DISK_FULL"].split(":")
     if os.environ.get("RANK", "0") == rank:
-        loop.setup = with_callback(DiskFills(None if step == "end" else int(step), int(max_bytes)))
+        loop.setup = with_callback(DiskFills(None if step == "end" else int(step),
+                                             None if max_bytes == "mkdir" else int(max_bytes)))
     sys.exit(main.main(sys.argv[1:]))

@@ -219,14 +219,16 @@ def test_deepspeed_zero2_updates_like_ddp(tmp_path, demo_shards, tiny_pipeline_d
 @pytest.mark.parametrize("rank, max_bytes", [
     (1, 2**20),  # its optimizer partition fails in DeepSpeed's checkpoint engine
     (0, 16 * 2**10),  # its model states fail there, then its copy of DeepSpeed's recovery script fails outside it
+    (1, "mkdir"),  # it cannot create the checkpoint's folder: before the fix it skipped DeepSpeed's collectives
 ])
 def test_a_full_disk_on_one_deepspeed_rank_ends_every_rank_with_one_line(tmp_path, demo_shards, tiny_pipeline_dir,
                                                                          rank, max_bytes):
     """ZeRO-2, two ranks: one rank's disk fills at the end of step 2, so its part of the step-2 checkpoint fails in
     DeepSpeed's save, before DeepSpeed's closing barrier. The ranks agree on the failure: the launch ends (before
     the fix it waited at that barrier until the collective timeout), with exit code 5 and one line naming the
-    failed rank and the step-1 checkpoint; no rank prints a traceback, and the partial folder is gone. fp32: the
-    failure path does not depend on the precision, and bf16 steps are slow on CPUs."""
+    failed rank and the step-1 checkpoint; no rank prints a traceback, and the partial folder is gone. A rank that
+    cannot even create the folder (a full node-local disk) is agreed on before any rank enters DeepSpeed's save.
+    fp32: the failure path does not depend on the precision, and bf16 steps are slow on CPUs."""
     from train.checkpoint import latest_checkpoint, temp_dir
 
     out = tmp_path / "run"

@@ -578,12 +578,12 @@ def save_checkpoint(run: Run) -> Path:
                              f"written; {f'the last good one is {latest}' if latest else 'none was written before'}"
                              " (lower train.lr, or raise train.warmup_steps)")
     tmp = ckpt.temp_dir(run.output_dir, step)
-    failed = _attempt(lambda: tmp.mkdir(parents=True, exist_ok=True))
-    acc.wait_for_everyone()  # the folder exists for every rank before any of them writes into it
-    if failed is None:
-        with _deepspeed_writes_recorded(run) as deepspeed_failures:
-            failed = _attempt(lambda: _write_state(run, tmp))
-        failed = next(iter(deepspeed_failures), failed)  # the first error in time
+    # The folder exists for every rank before any of them writes into it; a rank that could not create it (a full
+    # node-local disk) must not leave the others alone in DeepSpeed's collectives: the ranks agree first.
+    _raise_write_failure(run, _agree(acc, _attempt(lambda: tmp.mkdir(parents=True, exist_ok=True))))
+    with _deepspeed_writes_recorded(run) as deepspeed_failures:
+        failed = _attempt(lambda: _write_state(run, tmp))
+    failed = next(iter(deepspeed_failures), failed)  # the first error in time
     master = run.gather_fp32_master()  # every rank, even after a failure (a collective under DeepSpeed's half mode)
     if failed is None and acc.is_main_process:
         failed = _attempt(lambda: _write_students(run, tmp, master))
