@@ -116,16 +116,24 @@ def inject_nan():
     return _nan_patch
 
 
+class _NanSteps:
+    """The run's Distiller (its taps and all), with the total loss of chosen steps turned to NaN."""
+
+    def __init__(self, run, inner, at_steps: set[int]) -> None:
+        self._run, self._inner, self._at = run, inner, at_steps
+
+    def __call__(self, batch, gen):
+        losses = self._inner(batch, gen)
+        if self._run.state.step in self._at:
+            losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
 def _nan_patch(at_steps: set[int]):
     def patch(run):
-        inner = run.distiller
-
-        def step(batch, gen):
-            losses = inner(batch, gen)
-            if run.state.step in at_steps:
-                losses["total"] = losses["total"] * float("nan")
-            return losses
-
-        run.distiller = step
+        run.distiller = _NanSteps(run, run.distiller, at_steps)
 
     return patch
