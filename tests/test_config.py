@@ -714,3 +714,28 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_naming_the_one_before(damag
     assert line.startswith(f"train.resume: the checkpoint {latest} is damaged ({needle}") and "\n" not in line, line
     assert line.endswith(f"); resume from the one before with train.resume={before} (the damaged one is then moved "
                          "aside, not deleted)"), line
+
+
+def test_deepspeed_zero3_is_one_line_before_any_model_loads(tmp_path, demo_shards, monkeypatch):
+    """A ZeRO-3 launch (zero_stage: 3 in the accelerate config, or stage 3 in a DeepSpeed JSON file it names) ended
+    in a traceback from the text encoders, whose weights transformers had partitioned as they loaded."""
+    cfg = load_config([f"data.shards={demo_shards}", "data.num_workers=1"])
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match=r"ZeRO stage 3 is not supported.*deepspeed_zero2\.yaml"):
+        validate(cfg)
+    validate(cfg, launch_known=False)  # before `accelerate launch`: the launched ranks check it
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    validate(cfg)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    ds_json = tmp_path / "ds.json"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_json))
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="ZeRO stage 3"):
+        validate(cfg)
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    validate(cfg)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")  # a ZeRO-3 file without DeepSpeed is not used
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    validate(cfg)

@@ -229,6 +229,24 @@ def launch_uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def deepspeed_zero_stage() -> int | None:
+    """The ZeRO stage `accelerate launch` passes to DeepSpeed (its zero_stage, or the stage in the DeepSpeed JSON
+    file it names); None when neither says, or the file cannot be read (DeepSpeed then reports it)."""
+    import json
+    import os
+
+    if stage := os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        return int(stage) if stage.isdigit() else None
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if path == "none":
+        return None
+    try:
+        stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stage if isinstance(stage, int) else None
+
+
 def validate(cfg: DictConfig, world_size: int = 1, *, launch_known: bool = True) -> None:
     """Semantic checks that need no model: choices, paths, shards, student vs teacher, batch arithmetic, the
     checkpoint a resume reads.
@@ -240,8 +258,14 @@ def validate(cfg: DictConfig, world_size: int = 1, *, launch_known: bool = True)
     """
     from distill.teachers import TeacherError
 
+    deepspeed = launch_uses_deepspeed() if launch_known else None
+    if deepspeed and deepspeed_zero_stage() == 3:
+        raise ConfigError("DeepSpeed ZeRO stage 3 is not supported (transformers then partitions the text encoders' "
+                          "weights as they load, and the feature hooks and the export expect whole modules); launch "
+                          "with --config_file conf/accelerate/deepspeed_zero2.yaml: ZeRO-2 shards the student's "
+                          "gradients and optimizer state, and the student's weights fit on one GPU")
     try:
-        _validate(cfg, world_size, launch_uses_deepspeed() if launch_known else None)
+        _validate(cfg, world_size, deepspeed)
     except TeacherError as exc:  # a teacher folder whose files cannot be read, found while reading its configs
         raise ConfigError(str(exc)) from exc
 
