@@ -61,4 +61,6 @@ class DistillConfig:
     lf_stages: list[str] = field(default_factory=lambda: ["DW-1", "UP-3"])  # stages whose last output is
     # matched (BK-SDM "last feature"); KOALA uses it where there are no transformers
     layer_map: str = "bottom"  # deeper teacher stacks: bottom (student k <- teacher k) | interleave | up
-    caption_dropout: float = 0.0  # probability of replacing a caption by "" (0 in the paper)
+    # probability that a caption is dropped (0 in the paper): it gets the unconditional input guidance feeds the
+    # exported student (all-zero embeddings for SDXL's pipelines, else the encoding of "")
+    caption_dropout: float = 0.0

@@ -18,7 +18,7 @@ from distill.conditioning import add_time_ids, encode_images, encode_prompts
 from distill.features import FeaturePair, FeatureTap, tap_pair
 from distill.losses import koala_loss
 from distill.perf import PhaseTimer, begin_phase
-from distill.teachers import TeacherBundle, sample_timesteps, task_target
+from distill.teachers import TeacherBundle, sample_timesteps, task_target, zeros_for_empty_prompt
 
 
 @dataclass
@@ -33,12 +33,14 @@ class UNetInputs:
 
 def prepare_inputs(
     batch: dict[str, Any], teacher: TeacherBundle, *, device: torch.device, generator: torch.Generator,
-    caption_dropout: float = 0.0, empty_prompt: tuple[Tensor, Tensor] | None = None,
+    caption_dropout: float = 0.0, empty_prompt: tuple[Tensor, Tensor] | None = None, zero_uncond: bool = True,
 ) -> UNetInputs:
     """Turn a raw (pixels + captions) or precomputed (latents + embeddings) batch into U-Net conditioning.
 
-    Caption dropout replaces a caption with "" (SDXL's unconditional prompt); for precomputed embeddings the
-    dropped rows take `empty_prompt` = (prompt embeds [77, D], pooled [P]) of "", saved by `make latents`.
+    Caption dropout gives a caption the unconditional input that guidance will feed the exported student: with
+    `zero_uncond` (the teacher pipeline's force_zeros_for_empty_prompt, SDXL's default) all-zero prompt and pooled
+    embeddings; else the encoding of "", which for precomputed embeddings is `empty_prompt` = (prompt embeds
+    [77, D], pooled [P]), saved by `make latents`.
     """
     n = len(batch["captions"])
     drop = torch.rand(n, generator=generator, device=generator.device) < caption_dropout
@@ -47,7 +49,10 @@ def prepare_inputs(
         latents = batch["latents"].to(device, torch.float32)
         prompt = batch["prompt_embeds"].to(device, torch.float32)
         pooled = batch["pooled_prompt_embeds"].to(device, torch.float32)
-        if caption_dropout > 0:
+        if caption_dropout > 0 and zero_uncond:
+            prompt = torch.where(drop[:, None, None], 0.0, prompt)
+            pooled = torch.where(drop[:, None], 0.0, pooled)
+        elif caption_dropout > 0:
             if empty_prompt is None:
                 raise ValueError("caption dropout on latent shards needs the empty caption's embeddings "
                                  "(empty_prompt.npz, written by make latents)")
@@ -61,6 +66,9 @@ def prepare_inputs(
         captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist(), strict=True)]
         prompt, pooled = encode_prompts(teacher.tokenizers, teacher.text_encoders, captions)
         prompt, pooled = prompt.float(), pooled.float()
+        if zero_uncond:
+            prompt = torch.where(drop[:, None, None], 0.0, prompt)
+            pooled = torch.where(drop[:, None], 0.0, pooled)
     ids = add_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(device)
     return UNetInputs(latents, prompt, pooled, ids.float())
 
@@ -89,6 +97,7 @@ class Distiller:
         self.tcfg = tcfg
         self.dcfg = dcfg
         self.empty_prompt = empty_prompt
+        self.zero_uncond = zeros_for_empty_prompt(teacher.path)  # what guidance will feed the exported student
         self.tap_t, self.tap_s = tap_pair(teacher.unet, student_unwrapped or student, self.pairs)
         self.phases: PhaseTimer | None = None  # a benchmark attaches one to see where the step's time goes
         # The student's inputs go in its weights' dtype when that is a half type: DeepSpeed's bf16/fp16 mode casts
@@ -115,7 +124,8 @@ class Distiller:
         # encoders run in their own dtypes, not the autocast one.
         with torch.autocast(device.type, enabled=False):
             inputs = prepare_inputs(batch, self.teacher, device=device, generator=generator,
-                                    caption_dropout=self.dcfg.caption_dropout, empty_prompt=self.empty_prompt)
+                                    caption_dropout=self.dcfg.caption_dropout, empty_prompt=self.empty_prompt,
+                                    zero_uncond=self.zero_uncond)
         return self.forward(inputs, generator)
 
     def forward(self, x: UNetInputs, generator: torch.Generator) -> dict[str, Tensor]:

@@ -38,6 +38,19 @@ def teacher_pipeline_dir(tcfg: Any) -> Path:
     return build_tiny_pipeline(default_tiny_pipeline_dir())
 
 
+def zeros_for_empty_prompt(path: str | Path | None) -> bool:
+    """Whether the teacher pipeline at `path` takes all-zero text embeddings as its unconditional input: its
+    model_index.json's force_zeros_for_empty_prompt, which an exported student's pipeline copies and which decides
+    what classifier-free guidance feeds the U-Net when no negative prompt is given. diffusers' SDXL default (True)
+    when the folder or the key is absent (e.g. the tiny pipeline before it is built)."""
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text()) if path else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        index = {}
+    value = index.get("force_zeros_for_empty_prompt", True) if isinstance(index, dict) else True
+    return bool(value)
+
+
 def has_weights(folder: Path) -> bool:
     """Whether a model folder holds weight files (.safetensors or .bin)."""
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))

@@ -323,21 +323,32 @@ def test_a_damaged_first_shard_does_not_decide_for_the_set(tmp_path, demo_shards
         validate(load_config([f"data.shards={junk}", "data.num_workers=1"]))
 
 
-def test_caption_dropout_on_latents_needs_the_empty_caption_file(tmp_path):
+def test_caption_dropout_on_latents_needs_the_empty_caption_file(tmp_path, tiny_pipeline_dir):
+    """Only for a teacher whose unconditional input is the encoding of "" (force_zeros_for_empty_prompt false);
+    SDXL's (and the tiny pipeline's) is all zeros, which needs no file."""
     from data.latents import EMPTY_PROMPT_FILE
     from data.synthetic import write_synthetic_latent_shards
 
-    write_synthetic_latent_shards(str(tmp_path), num_shards=1, samples_per_shard=2, **TINY_LATENTS)
-    cfg = load_config(["data.kind=latents", f"data.shards={tmp_path}", "data.num_workers=1",
-                       "distill.caption_dropout=0.1"])
+    shards = tmp_path / "latents"
+    write_synthetic_latent_shards(str(shards), num_shards=1, samples_per_shard=2, **TINY_LATENTS)
+    teacher = tmp_path / "teacher"  # the tiny pipeline, but guided with the encoding of ""
+    teacher.mkdir()
+    for part in tiny_pipeline_dir.iterdir():
+        if part.name != "model_index.json":
+            (teacher / part.name).symlink_to(part)
+    index = json.loads((tiny_pipeline_dir / "model_index.json").read_text())
+    (teacher / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    common = ["data.kind=latents", f"data.shards={shards}", "data.num_workers=1", "distill.caption_dropout=0.1"]
+    cfg = load_config([*common, f"teacher.path={teacher}"])
     validate(cfg)  # written beside the shards
-    (tmp_path / EMPTY_PROMPT_FILE).write_bytes(b"garbage")  # passed, then np.load raised after the models loaded
+    (shards / EMPTY_PROMPT_FILE).write_bytes(b"garbage")  # passed, then np.load raised after the models loaded
     with pytest.raises(ConfigError, match=f"{EMPTY_PROMPT_FILE} is damaged \\(not an .npz of arrays: "):
         validate(cfg)
-    (tmp_path / EMPTY_PROMPT_FILE).unlink()
+    (shards / EMPTY_PROMPT_FILE).unlink()
     with pytest.raises(ConfigError, match=f"needs the empty caption's embeddings in .*{EMPTY_PROMPT_FILE}"):
         validate(cfg)
-    validate(load_config(["data.kind=latents", f"data.shards={tmp_path}", "data.num_workers=1"]))  # no dropout
+    validate(load_config([*common, f"teacher.path={tiny_pipeline_dir}"]))  # all zeros: no file needed
+    validate(load_config(common[:3] + [f"teacher.path={teacher}"]))  # no dropout
 
 
 def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, demo_shards, monkeypatch):

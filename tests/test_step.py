@@ -177,3 +177,39 @@ def test_half_precision_models_get_exact_size_and_crop_conditioning(teacher, tin
         assert seen[name].dtype == torch.float32, name
         torch.testing.assert_close(seen[name], ids.flatten(), rtol=0, atol=0)
     assert torch.isfinite(losses["total"]) and losses["out_kd"] > 0
+
+
+def test_dropped_captions_get_the_unconditional_input_guidance_will_use(teacher, tiny_unets):
+    """SDXL's pipelines (force_zeros_for_empty_prompt, copied into the export) guide with all-zero prompt and pooled
+    embeddings when no negative prompt is given: dropped captions train on those. A teacher that guides with the
+    encoding of "" gets that instead (raw batches encode it; latent batches take make latents' empty_prompt)."""
+    from distill.conditioning import encode_prompts
+    from distill.step import prepare_inputs
+
+    _, bundle = teacher
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    sizes = {"original_size": torch.tensor([[64, 64]] * 2), "crop_top_left": torch.zeros(2, 2, dtype=torch.long),
+             "target_size": torch.tensor([[64, 64]] * 2)}
+    raw = {"pixel_values": pixels, "captions": ["a red car", "a cat"], **sizes}
+    empty, empty_pooled = encode_prompts(bundle.tokenizers, bundle.text_encoders, ["", ""])
+    kept, kept_pooled = encode_prompts(bundle.tokenizers, bundle.text_encoders, raw["captions"])
+    latents = {"latents": torch.randn(2, 4, 32, 32), "prompt_embeds": kept.float(),
+               "pooled_prompt_embeds": kept_pooled.float(), "captions": raw["captions"], **sizes}
+
+    def inputs(batch, dropout, zero_uncond, empty_prompt=None):
+        return prepare_inputs(batch, bundle, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
+                              caption_dropout=dropout, empty_prompt=empty_prompt, zero_uncond=zero_uncond)
+
+    for batch in (raw, latents):
+        zeroed = inputs(batch, 1.0, True)
+        assert not zeroed.prompt_embeds.any() and not zeroed.pooled.any()
+        kept_in = inputs(batch, 0.0, True)
+        torch.testing.assert_close(kept_in.prompt_embeds, kept.float())
+        torch.testing.assert_close(kept_in.pooled, kept_pooled.float())
+    encoded = inputs(raw, 1.0, False)
+    torch.testing.assert_close(encoded.prompt_embeds, empty.float())
+    torch.testing.assert_close(encoded.pooled, empty_pooled.float())
+    saved = inputs(latents, 1.0, False, empty_prompt=(empty[0].float(), empty_pooled[0].float()))
+    torch.testing.assert_close(saved.prompt_embeds, empty.float())
+    step = Distiller(bundle, copy.deepcopy(tiny_unets[1]), [], teacher[0], OmegaConf.structured(DistillConfig()))
+    assert step.zero_uncond  # the tiny pipeline, like SDXL's, has force_zeros_for_empty_prompt true

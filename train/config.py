@@ -530,7 +530,9 @@ def _check_data(cfg: DictConfig, world_size: int) -> None:
                           f"data.kind={cfg.data.kind}: set data.kind={found[0]}")
     if cfg.data.kind == "latents":
         _check_latents(cfg, shards)
-        if cfg.distill.caption_dropout > 0:
+        from distill.teachers import zeros_for_empty_prompt
+
+        if cfg.distill.caption_dropout > 0 and not zeros_for_empty_prompt(cfg.teacher.path):
             from data.latents import empty_prompt_path
 
             path = empty_prompt_path(cfg.data.shards)

@@ -496,11 +496,13 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
 
 
 def _empty_prompt(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The empty caption's embeddings saved beside latent shards by `make latents` (for caption dropout)."""
+    """The empty caption's embeddings saved beside latent shards by `make latents` (for caption dropout with a
+    teacher whose unconditional input is not all zeros)."""
     from data.latents import empty_prompt_path
+    from distill.teachers import zeros_for_empty_prompt
 
     path = empty_prompt_path(cfg.data.shards)
-    if cfg.distill.caption_dropout == 0 or not path.is_file():  # config.py refuses dropout without it
+    if cfg.distill.caption_dropout == 0 or zeros_for_empty_prompt(cfg.teacher.path) or not path.is_file():
         return None
     arrays = np.load(path)
     return torch.from_numpy(arrays["prompt_embeds"]), torch.from_numpy(arrays["pooled_prompt_embeds"])
