@@ -175,16 +175,28 @@ def plan_crop(
     return CropInfo(original_size, resized, (top, left), target_size, flipped)
 
 
+MAX_RESIZE_AREA = 16  # a planned resize over this many times the crop's area resizes the crop's region only
+
+
 def apply_crop(img: Image.Image, crop: CropInfo) -> np.ndarray:
-    """Resize (bilinear, antialiased), crop and flip an RGB image as planned; uint8 array [H, W, 3]."""
+    """Resize (bilinear, antialiased), crop and flip an RGB image as planned; uint8 array [H, W, 3].
+
+    A very thin image (e.g. 3 x 3000 px) would be resized to a strip of millions of pixels per side before the
+    cut (about 9 GB for 1 x 3000 at 1024 px): its crop's region is resized alone instead (the same pixels up to
+    rounding)."""
     resized_h, resized_w = crop.resized_size
-    if img.size != (resized_w, resized_h):
-        img = img.resize((resized_w, resized_h), Image.Resampling.BILINEAR)
     top, left = crop.crop_top_left
     target_h, target_w = crop.target_size
     if crop.flipped:  # crop_top_left is in the mirrored image: mirror it back to cut, then flip the cut
         left = resized_w - left - target_w
-    pixels = img.crop((left, top, left + target_w, top + target_h))
+    if resized_h * resized_w > MAX_RESIZE_AREA * target_h * target_w:
+        sx, sy = img.width / resized_w, img.height / resized_h
+        box = (left * sx, top * sy, (left + target_w) * sx, (top + target_h) * sy)
+        pixels = img.resize((target_w, target_h), Image.Resampling.BILINEAR, box=box)
+    else:
+        if img.size != (resized_w, resized_h):
+            img = img.resize((resized_w, resized_h), Image.Resampling.BILINEAR)
+        pixels = img.crop((left, top, left + target_w, top + target_h))
     if crop.flipped:
         pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(pixels, dtype=np.uint8)

@@ -105,3 +105,17 @@ def test_jpeg_draft_decoding_matches_a_full_decode():
     full = Image.open(io.BytesIO(sample["jpg"])).convert("RGB").resize((96, 64), Image.Resampling.BILINEAR)
     reference = np.asarray(full)[:, 16:80].astype(float)
     assert math.isclose(np.abs(ex.pixels - reference).mean(), 0, abs_tol=4.0)
+
+
+@pytest.mark.parametrize("height,width", [(4, 900), (900, 4)])
+def test_a_very_thin_image_resizes_only_its_crop(height, width):
+    """A 4 x 900 px image at 48 px would be resized to 48 x 10800 before the cut (a 1 x 3000 one at 1024 px: about
+    9 GB, which ended make latents and raw training with MemoryError); its crop's region is resized alone, to the
+    same pixels up to rounding."""
+    pixels = synthetic_image(np.random.default_rng(4), height, width)
+    decoder = RawDecoder(DataConfig(shards="x", resolution=48, random_crop=True, random_flip=True))
+    for seed in range(4):
+        ex = decoder(_sample(pixels), random.Random(seed))
+        assert ex.pixels.shape == (48, 48, 3) and ex.original_size == (height, width)
+        diff = np.abs(ex.pixels.astype(int) - _expected(pixels, ex).astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.5, (diff.max(), diff.mean())
