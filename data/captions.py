@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 TXT_FIELD = "txt"
@@ -43,7 +44,15 @@ def decode_json(data: bytes | None) -> dict[str, Any] | None:
         raise SkipSample("bad_json", str(exc)) from exc
     if not isinstance(meta, dict):
         raise SkipSample("bad_json", f"top level is {type(meta).__name__}, not an object")
+    if _SURROGATE_ESCAPE.search(text):  # JSON admits "\ud83d" alone, which no UTF-8 text (nor CLIP's tokenizer) can
+        try:
+            json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SkipSample("bad_text", f"json holds a lone surrogate: {exc}") from exc
     return meta
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _field(meta: dict[str, Any] | None, txt: str | None, name: str) -> str | None:

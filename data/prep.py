@@ -256,7 +256,10 @@ def check_record(record: SourceRecord, opts: PrepOptions) -> dict[str, Any] | tu
     except SkipSample as skip:
         return skip.reason, record.name
     meta = {**record.meta, "width": width, "height": height, "source": record.name}
-    sample = {ext: data, "json": json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")}
+    try:
+        sample = {ext: data, "json": json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")}
+    except UnicodeEncodeError:  # a lone surrogate ("\ud83d" in a json source), which no UTF-8 file can hold
+        return "bad_text", record.name
     if record.txt is not None:
         sample["txt"] = record.txt.encode("utf-8")
     return sample

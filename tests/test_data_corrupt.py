@@ -66,6 +66,8 @@ def _bad_samples() -> list[tuple[str, dict, str]]:
         ("bad_malformed_json", {"png": png, "json": b'{"caption": "unterminated'}, "bad_json"),
         ("bad_json_list", {"png": png, "json": b'["a", "b"]'}, "bad_json"),
         ("bad_non_utf8_txt", {"png": png, "txt": b"caf\xe9 \xff\xfe"}, "bad_text"),
+        # JSON admits a lone surrogate escape, which CLIP's tokenizer rejects with a TypeError
+        ("bad_lone_surrogate", {"png": png, "json": b'{"caption": "smile \\ud83d x"}'}, "bad_text"),
         ("bad_too_many_pixels", {"png": big, "json": CAPTION}, "too_many_pixels"),
         ("bad_no_image", {"json": CAPTION}, "no_image"),
         ("bad_empty_caption", {"png": png, "json": b'{"caption": "  ", "llava_caption": ""}'}, "no_caption"),

@@ -70,6 +70,8 @@ def image_folder(tmp_path):
     _write(src / "i.txt", "zero bytes")
     _write(src / "j.png", encode_image(_image(7, 10, 12), "png"))
     _write(src / "j.txt", "tiny but readable")
+    _write(src / "k.png", encode_image(_image(8), "png"))
+    _write(src / "k.json", '{"caption": "smile \\ud83d x"}')  # a lone surrogate: valid JSON, no UTF-8 text
     return src
 
 
@@ -79,8 +81,8 @@ def test_folder_source_keeps_every_readable_image(image_folder, tmp_path, capsys
     printed = capsys.readouterr().out
     summary = _last_json_line(printed)
     assert summary["written"] == 4 and summary["shards"] == 2 and summary["out"] == str(out)
-    assert summary["skipped"] == 5
-    assert summary["reasons"] == {"bad_image": 1, "bad_json": 1, "bad_text": 1, "empty_image": 1, "no_caption": 1}
+    assert summary["skipped"] == 6
+    assert summary["reasons"] == {"bad_image": 1, "bad_json": 1, "bad_text": 2, "empty_image": 1, "no_caption": 1}
     assert "skipped 1 bad_image: e.g. d.jpg" in printed
 
     samples = _read_shards(str(out))
