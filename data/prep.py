@@ -353,6 +353,9 @@ def prep_shards(src: str, out: str, fmt: str | None = None, opts: PrepOptions | 
     """Build shards in `out` from `src` ('folder' | 'manifest' | 'img2dataset', detected when None)."""
     opts = opts or PrepOptions()
     fmt = fmt or detect_format(src)
+    if fmt == "img2dataset" and os.path.realpath(src) == os.path.realpath(out):
+        raise ValueError(f"--out {out} is the source folder: its shards would be replaced (with --overwrite, deleted) "
+                         "before they are read; write to another folder")
     skips: Counter[str] = Counter()
     if fmt == "folder":
         records: Iterable[SourceRecord] = folder_records(src)

@@ -194,6 +194,11 @@ def test_img2dataset_output_is_resharded_and_filtered(tmp_path):
         "gen 000010001",
         "gen 000010002",
     ]
+    # into the source folder itself: with --overwrite its shards were deleted before they were read
+    before = sorted(p.name for p in src.iterdir())
+    with pytest.raises(ValueError, match="is the source folder"):
+        prep_shards(str(src), str(src), opts=PrepOptions(overwrite=True))
+    assert sorted(p.name for p in src.iterdir()) == before
 
 
 def test_demo_data_is_reproducible_and_loads(tmp_path, capsys):
