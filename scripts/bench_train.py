@@ -42,7 +42,8 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path, str | None]
     p.add_argument("--plain-set", action="append", default=[], metavar="KEY=VALUE",
                    help="Hydra override of the plain measurement only (e.g. train.gradient_checkpointing=true)")
     p.add_argument("--fp8-error", action="store_true", help="also measure the FP8 teacher's output error")
-    p.add_argument("--data", default=None, help="folder of synthetic latent shards (made if missing)")
+    p.add_argument("--data", default=None, help="folder of the benchmark's synthetic latent shards (made if missing; "
+                   "a folder of other shards is refused, never overwritten)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     p.add_argument("--out", default="outputs/bench_train", help="folder for bench_train_<name>.json/.md")
     p.add_argument("--name", default=None, help="result files' name (default <profile>_<student>_b<batch>)")

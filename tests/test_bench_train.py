@@ -7,6 +7,7 @@ import io
 import json
 import math
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +99,24 @@ def test_synthetic_latent_shards_are_read_by_the_real_loader(tmp_path):
     assert batch["prompt_embeds"].shape == (3, 77, 24) and batch["pooled_prompt_embeds"].shape == (3, 12)
     assert batch["target_size"].tolist() == [[128, 64]] * 3 and batch["original_size"].tolist() == [[128, 64]] * 3
     assert torch.isfinite(batch["latents"]).all() and batch["latents"].std() > 0.5
+
+
+def test_the_bench_never_overwrites_shards_it_did_not_write(tmp_path):
+    """`--data DIR` pointed at real `make latents` output used to overwrite its first shards with random ones."""
+    from train.bench import ensure_shards
+    from train.config import ConfigError, load_config
+
+    real = tmp_path / "latents"
+    real.mkdir()
+    (real / "000000.tar").write_bytes(b"real latents")
+    with pytest.raises(ConfigError, match="holds shards that the benchmark did not write"):
+        ensure_shards(load_config([]), str(real), 8)
+    assert (real / "000000.tar").read_bytes() == b"real latents" and sorted(p.name for p in real.iterdir()) == [
+        "000000.tar"]
+    made = ensure_shards(load_config([]), str(tmp_path / "bench"), 8)  # its own folder: written, then reused
+    stamp = {p.name: p.stat().st_mtime_ns for p in Path(made).iterdir()}
+    assert ensure_shards(load_config([]), made, 8) == made
+    assert {p.name: p.stat().st_mtime_ns for p in Path(made).iterdir()} == stamp
 
 
 def test_lowmem_experiment_is_the_24gb_profile():

@@ -152,7 +152,8 @@ def latent_shape(cfg: Any) -> dict[str, Any]:
 
 def ensure_shards(cfg: Any, folder: str | None, samples: int) -> str:
     """Synthetic latent shards at the teacher's shapes in `folder` (default outputs/bench_latents/<shape>); reused
-    when a complete set with the same shapes is there."""
+    when a complete set with the same shapes is there. A folder that holds shards this function did not write
+    (e.g. `make latents` output) is refused: ConfigError (one line), nothing overwritten."""
     from data.synthetic import write_synthetic_latent_shards
 
     shape = latent_shape(cfg)
@@ -164,6 +165,11 @@ def ensure_shards(cfg: Any, folder: str | None, samples: int) -> str:
     marker = root / "bench_shape.json"
     want = {**shape, "latents": list(shape["latents"]), "num_shards": num_shards, "per_shard": per_shard}
     if not (marker.is_file() and json.loads(marker.read_text()) == want):
+        if not marker.is_file() and any(root.glob("*.tar")):
+            from train.config import ConfigError
+
+            raise ConfigError(f"{root} holds shards that the benchmark did not write (no {marker.name}): it writes "
+                             "its own synthetic ones there, so give an empty or new folder")
         resolution = cfg.teacher.resolution
         write_synthetic_latent_shards(str(root), num_shards=num_shards, samples_per_shard=per_shard,
                                       latent_shape=(c, h, w), text_tokens=TEXT_TOKENS, text_dim=shape["text_dim"],
