@@ -68,9 +68,10 @@ data: $(STAMP)  ## make data SRC=images/|manifest.parquet|img2dataset_out/ OUT=s
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make data SRC=... OUT=... [ARGS=...]"; exit 2; }
 	$(PY) scripts/prep_data.py --src "$(SRC)" --out "$(OUT)" $(ARGS)
 
-latents: $(STAMP) tiny demo-data  ## defaults: the tiny teacher on the demo shards at 64 px
-	$(PY) scripts/make_latents.py --pipeline $(or $(PIPELINE),outputs/tiny_sdxl) \
-		--shards $(or $(SHARDS),outputs/demo_data) --out $(or $(OUT),outputs/demo_latents) \
+# The tiny pipeline and the demo shards are built only when they are the defaults used.
+latents: $(STAMP) $(if $(PIPELINE),,tiny) $(if $(SHARDS),,demo-data)  ## defaults: the tiny teacher on the demo shards at 64 px
+	$(PY) scripts/make_latents.py --pipeline "$(or $(PIPELINE),outputs/tiny_sdxl)" \
+		--shards "$(or $(SHARDS),outputs/demo_data)" --out "$(or $(OUT),outputs/demo_latents)" \
 		$(or $(ARGS),--batch-size 4)
 
 export: $(STAMP)  ## make export CKPT=runs/x/checkpoints/step_N OUT=exports/x [ARGS="--weights live --dtype fp16"]
