@@ -114,7 +114,7 @@ def decode_rgb(img: Image.Image, draft_size: tuple[int, int] | None = None) -> I
     several times faster for large photos. Truncated or corrupt data raise SkipSample('bad_image').
     """
     try:
-        if draft_size is not None and img.format == "JPEG":
+        if draft_size is not None and img.format in ("JPEG", "MPO"):  # MPO: a phone's multi-frame JPEG
             img.draft(None, draft_size)
         img.load()
         try:

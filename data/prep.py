@@ -28,7 +28,8 @@ from data.images import IMAGE_EXTENSIONS, open_image, oriented_size, to_rgb
 # Image files a folder source may hold; all but jpg/png/webp are re-encoded as PNG.
 READABLE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # PIL format -> shard extension for bytes that are kept as they are.
-_KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# MPO: the JPEG with extra frames that many phone cameras write; its first frame and EXIF read as a JPEG's.
+_KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 # PNG stores these modes losslessly; others are converted to RGB before re-encoding.
 _PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
 # Manifest columns tried, in order, when no image column is given.

@@ -219,3 +219,29 @@ def test_demo_data_is_reproducible_and_loads(tmp_path, capsys):
     assert sorted(keys) == [f"demo{i:09d}" for i in range(12)] and loader.skip_counts() == {}
     captions = {c for b in batches for c in b["captions"]}
     assert captions == {image.caption for image in DEMO_IMAGES}
+
+
+def test_a_phone_mpo_photo_keeps_its_bytes_and_its_rotation(tmp_path):
+    """Many phone JPEGs open as MPO (extra frames). They were re-encoded as PNG without their EXIF, so a photo
+    taken upright trained sideways while its json gave the upright size; now their bytes are kept, as a JPEG's."""
+    import random
+
+    from data.decode import RawDecoder
+
+    pixels = _image(9, 40, 64)  # stored landscape, shown portrait (EXIF orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="MPO", save_all=True, append_images=[Image.fromarray(pixels)],
+                                 exif=exif.tobytes(), quality=95)
+    src = tmp_path / "src"
+    _write(src / "phone.jpg", buffer.getvalue())
+    _write(src / "phone.txt", "a photo taken upright")
+    assert Image.open(src / "phone.jpg").format == "MPO"
+    summary = prep_shards(str(src), str(tmp_path / "out"))
+    assert summary["written"] == 1
+    (sample,) = _read_shards(str(tmp_path / "out"))
+    assert sample["jpg"] == buffer.getvalue() and "png" not in sample
+    meta = json.loads(sample["json"])
+    ex = RawDecoder(DataConfig(shards="x", resolution=32, random_crop=False))(sample, random.Random(0))
+    assert ex.original_size == (meta["height"], meta["width"]) == (64, 40)  # upright, as the json says
