@@ -24,6 +24,7 @@ from PIL import Image
 from distill.metrics import ClipScorer, ImageTextScorer, latent_mse, psnr, ssim
 from distill.sampling import (
     DTYPES,
+    TIMESTEP_SPACINGS,
     Generation,
     LoadedSource,
     SettingsError,
@@ -78,8 +79,17 @@ class EvalConfig:
                        batch_size=self.batch_size)
         for name in ("teacher_steps", "teacher_guidance_scale"):
             value, low = getattr(self, name), 1 if name == "teacher_steps" else 0
+            if value is not None and not math.isfinite(value):
+                raise SettingsError(f"{name} must be a finite number, not {value}")
             if value is not None and value < low:
                 raise SettingsError(f"{name} must be at least {low}, not {value}")
+        if self.dtype not in DTYPES:
+            raise SettingsError(f"dtype={self.dtype} is not one of {', '.join(DTYPES)}")
+        if self.timestep_spacing not in (None, *TIMESTEP_SPACINGS):
+            raise SettingsError(f"timestep_spacing={self.timestep_spacing} is not one of "
+                                f"{', '.join(TIMESTEP_SPACINGS)}")
+        if self.grid_max < 1:
+            raise SettingsError(f"grid_max must be at least 1, not {self.grid_max}")
 
 
 def clip_folder_problem(path: str | None) -> str | None:

@@ -73,6 +73,9 @@ class SettingsError(ValueError):
     """Sampler settings a pipeline cannot run (one line naming the setting)."""
 
 
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # what diffusers' Euler scheduler accepts
+
+
 def check_settings(*, steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
                    width: int | None = None, batch_size: int | None = None) -> None:
     """Raise SettingsError for settings SDXL pipelines cannot run: fewer than 1 step or image per batch, a negative
@@ -364,6 +367,8 @@ def read_prompts(name_or_path: str | Path, limit: int | None = None) -> list[str
             raise SettingsError(f"prompts {name_or_path!s}: neither a shipped set ({', '.join(PROMPT_SETS)}) nor a "
                                 f"readable text file ({reason})") from exc
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise SettingsError(f"prompts {name_or_path!s} holds no prompt (only blank and '#' lines)")
     return prompts[:limit] if limit else prompts
 
 

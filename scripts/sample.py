@@ -16,6 +16,7 @@ from distill.files import out_folder_problem
 from distill.sampling import (
     DTYPES,
     SAMPLER_DEFAULTS,
+    TIMESTEP_SPACINGS,
     SettingsError,
     SourceError,
     check_settings,
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (family default)")
     p.add_argument("--height", type=int, default=None, help="px (family default)")
     p.add_argument("--width", type=int, default=None, help="px (family default)")
-    p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=None,
+    p.add_argument("--spacing", choices=TIMESTEP_SPACINGS, default=None,
                    help="timestep spacing (default: the folder's scheduler; a checkpoint's family)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--family", choices=sorted(SAMPLER_DEFAULTS), default=None, help="defaults of this family")

@@ -194,3 +194,23 @@ def test_a_wrong_clip_folder_is_one_note_said_before_sampling(tiny_clip, tmp_pat
     assert scorer is None and "did not load" in note and "\n" not in note
     scorer, note = build_clip_scorer(EvalConfig(clip_model=str(tiny_clip)), torch.device("cpu"))
     assert note is None and scorer([Image.new("RGB", (32, 32))], ["a photo"]).shape == (1,)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["prompts={empty}"], "holds no prompt (only blank and '#' lines)"),
+    (["dtype=fp8"], "dtype=fp8 is not one of bf16, fp16, fp32"),
+    (["timestep_spacing=trailng"], "timestep_spacing=trailng is not one of leading, trailing, linspace"),
+    (["grid_max=0"], "grid_max must be at least 1, not 0"),
+    (["teacher_guidance_scale=nan"], "teacher_guidance_scale must be a finite number"),
+])
+def test_bad_eval_values_are_one_line_before_any_model_loads(tmp_path, capsys, args, needle):
+    """Each of these ended in a traceback, some only after the student had loaded or sampled."""
+    from scripts.eval import entry
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing but a comment\n\n   \n")
+    out = tmp_path / "out"
+    code = entry(["student=/nowhere", f"out_dir={out}", *[a.format(empty=empty) for a in args]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not out.exists()
