@@ -32,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="U-Net weights as saved: fp32 (as trained) or half the disk")
     p.add_argument("--teacher-path", default=None,
                    help="the teacher's diffusers folder (default: the one the checkpoint records)")
+    p.add_argument("--vae-path", default=None,
+                   help="the VAE folder to copy (default: the run's teacher.vae_path, else the teacher's vae/)")
     args = p.parse_args(argv)
     try:
         summary = export_checkpoint(args.checkpoint, args.out, weights=args.weights, teacher_path=args.teacher_path,
-                                    dtype=args.dtype)
+                                    dtype=args.dtype, vae_path=args.vae_path)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -67,11 +67,30 @@ def test_export_errors_are_one_line(ckpt, tiny_pipeline_dir, tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:-100])
     cases.append((["--checkpoint", str(cut), "--out", str(tmp_path / "e")], 2,
                   f"{cut} has a damaged weight file: student_ema/diffusion_pytorch_model.safetensors is cut short"))
+    # a run trained with teacher.vae_path (e.g. the fp16-fix VAE) exported where that folder is not: not a failed
+    # write (exit code 5) but one line naming the way out, --vae-path
+    moved = tmp_path / "run" / "checkpoints" / "step_000000009"
+    shutil.copytree(ckpt, moved)
+    from omegaconf import OmegaConf
+
+    from train.config import load_config
+
+    meta = json.loads((moved / "meta.json").read_text())
+    teacher = OmegaConf.to_container(load_config(["teacher=tiny"]).teacher)
+    meta["config"] = {"teacher": {**teacher, "vae_path": str(tmp_path / "gone_vae")}}
+    (moved / "meta.json").write_text(json.dumps(meta))
+    cases += [(["--checkpoint", str(moved), "--out", str(tmp_path / "f")], 2,
+               f"the run's teacher.vae_path {tmp_path / 'gone_vae'} is not a VAE folder"),
+              (["--checkpoint", str(ckpt), "--out", str(tmp_path / "g"), "--vae-path", str(tmp_path / "nope")], 2,
+               "--vae-path")]
     for argv, code, needle in cases:
         assert script.main(argv) == code, argv
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert script.main(["--checkpoint", str(moved), "--out", str(tmp_path / "run" / "export"), "--vae-path",
+                        str(tiny_pipeline_dir / "vae")]) == 0
+    StableDiffusionXLPipeline.from_pretrained(tmp_path / "run" / "export")
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (mine / "meta.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "no_ema", "notes", "run"]  # no temporary left
 

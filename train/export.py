@@ -64,14 +64,16 @@ class ExportError(ValueError):
 
 
 def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, weights: str = "auto",
-                      teacher_path: str | Path | None = None, dtype: str = "fp32") -> dict[str, Any]:
+                      teacher_path: str | Path | None = None, dtype: str = "fp32",
+                      vae_path: str | Path | None = None) -> dict[str, Any]:
     """Export a training checkpoint's student as a pipeline folder, as the trainer exports at the end of a run.
 
     weights: "auto" (the EMA average when the checkpoint has one, as the trainer's own export), "ema" or "live".
     teacher_path: the teacher pipeline folder whose text encoders, tokenizers and VAE are copied (default: the one
     meta.json records; give it when the run was made on another machine). The teacher's config (family, sampler
     settings, VAE override) comes from the checkpoint's resolved config, or from conf/teacher/<name>.yaml for a
-    checkpoint without one. dtype: fp32 (the checkpoint's own), fp16 or bf16 for half the disk.
+    checkpoint without one. dtype: fp32 (the checkpoint's own), fp16 or bf16 for half the disk. vae_path: the VAE
+    folder to copy instead of the run's teacher.vae_path (e.g. on another machine).
     Returns {"export_dir", "checkpoint", "step", "weights", "dtype", "teacher", "unet_params"}.
     """
     from omegaconf import OmegaConf
@@ -106,6 +108,12 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, weights: str
         from train.config import load_config
 
         tcfg = load_config([f"teacher={meta['teacher_name']}"]).teacher
+    if vae_path is not None:
+        tcfg.vae_path = str(vae_path)
+    if tcfg.get("vae_path") and not (Path(tcfg.vae_path) / "config.json").is_file():
+        given = "--vae-path" if vae_path is not None else "the run's teacher.vae_path"
+        raise ExportError(f"{given} {tcfg.vae_path} is not a VAE folder (config.json and weights): give the VAE "
+                          "to copy with --vae-path (e.g. <teacher>/vae for the teacher's own)")
     hint = ("give the teacher's local diffusers folder with --teacher-path (its text encoders, tokenizers and VAE "
             "are copied)")
     if not teacher.is_dir():
