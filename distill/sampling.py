@@ -218,6 +218,17 @@ def family_settings(family: str, folder: str | Path | None = None) -> SampleSett
     return settings
 
 
+def checkpoint_settings(meta: dict[str, Any]) -> SampleSettings | None:
+    """The sampler settings a checkpoint's run recorded (its resolved config's teacher.sampler and resolution, as
+    the run's export writes them to koala_sampler.json); None for a checkpoint without them."""
+    teacher = (meta.get("config") or {}).get("teacher") or {}
+    sampler, resolution = teacher.get("sampler") or {}, teacher.get("resolution")
+    if not all(k in sampler for k in ("steps", "guidance_scale", "timestep_spacing")) or not resolution:
+        return None
+    return SampleSettings(int(sampler["steps"]), float(sampler["guidance_scale"]), int(resolution), int(resolution),
+                          str(sampler["timestep_spacing"]))
+
+
 def load_source(
     source: str | Path,
     *,
@@ -254,6 +265,7 @@ def _load_source(path: Path, family: str | None, use_ema: bool, device: str | to
     if is_checkpoint(path):
         meta = read_checkpoint_meta(path)
         teacher_path = Path(meta["teacher_path"])
+        run_settings = None if family else checkpoint_settings(meta)  # an explicit family asks for its defaults
         family = family or meta["teacher_name"]
         unet_folder = "student_ema" if use_ema and (path / "student_ema").is_dir() else "student"
         if damage := weights_problem(path / unet_folder):
@@ -265,7 +277,7 @@ def _load_source(path: Path, family: str | None, use_ema: bool, device: str | to
             raise SourceError(f"the teacher folder {teacher_path} named in {path}/{CHECKPOINT_META} {problem}")
         student = UNet2DConditionModel.from_pretrained(path / unet_folder, dtype=dtype)
         pipe = StableDiffusionXLPipeline.from_pretrained(teacher_path, unet=student, dtype=dtype)
-        defaults = family_settings(family)
+        defaults = run_settings or family_settings(family)
         # the student predicts what its teacher predicts (teacher.prediction_type of the run, e.g. x0 for the
         # 1-step Lightning U-Net), whatever the teacher folder's scheduler says
         trained = ((meta.get("config") or {}).get("teacher") or {}).get("prediction_type")

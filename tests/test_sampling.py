@@ -95,6 +95,31 @@ def test_checkpoint_source_uses_ema_and_family_spacing(ckpt):
     assert lightning.pipe.scheduler.config.timestep_spacing == "trailing"
 
 
+def test_a_checkpoint_samples_with_its_runs_sampler_settings(ckpt, tmp_path):
+    """A run's teacher.sampler and resolution (written into its export's koala_sampler.json) are its checkpoints'
+    defaults too: they used the family's table, so a checkpoint and its export sampled differently. An explicit
+    family still asks for that family's defaults."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from train.config import load_config
+
+    run = tmp_path / "step_000000007"
+    shutil.copytree(ckpt, run)
+    meta = json.loads((run / "meta.json").read_text())
+    teacher = OmegaConf.to_container(load_config(["teacher=tiny", "teacher.sampler.steps=2",
+                                                  "teacher.sampler.guidance_scale=0", "teacher.resolution=32",
+                                                  "teacher.sampler.timestep_spacing=trailing"]).teacher)
+    meta["config"] = {"teacher": teacher}
+    (run / "meta.json").write_text(json.dumps(meta))
+    loaded = load_source(run)
+    d = loaded.defaults
+    assert (d.steps, d.guidance_scale, d.height, d.width, d.timestep_spacing) == (2, 0.0, 32, 32, "trailing")
+    assert loaded.pipe.scheduler.config.timestep_spacing == "trailing"
+    assert load_source(run, family="tiny").defaults.steps == SAMPLER_DEFAULTS["tiny"].steps
+
+
 def test_a_checkpoint_samples_with_the_prediction_type_it_was_trained_on(ckpt, tmp_path):
     """The teacher folder's scheduler says epsilon; a student trained on an x0 teacher must be sampled as x0."""
     assert load_source(ckpt).pipe.scheduler.config.prediction_type == "epsilon"
