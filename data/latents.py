@@ -80,10 +80,19 @@ def load_encoders(pipeline_dir: str, device: str, text_dtype: str = "float32", v
     return vae, tokenizers, encoders
 
 
+def _vae_needs_fp32(pipeline_dir: str) -> bool:
+    """Whether the pipeline's vae/config.json sets force_upcast (diffusers' mark of a VAE that overflows in fp16)."""
+    try:
+        return bool(json.loads((Path(pipeline_dir) / "vae" / "config.json").read_text()).get("force_upcast"))
+    except (OSError, ValueError, AttributeError):
+        return False  # load_vae reports a missing or damaged folder
+
+
 def write_empty_prompt(path: str, tokenizers: list, encoders: list) -> None:
     """Save the embeddings of the empty caption (float32 prompt_embeds [77, D], pooled_prompt_embeds [P]).
 
-    A trainer on latent shards needs them for caption dropout (SDXL drops a caption by encoding "").
+    A trainer on latent shards needs them for caption dropout when its teacher pipeline guides with the encoding
+    of "" rather than all-zero embeddings (force_zeros_for_empty_prompt false).
     """
     prompt_embeds, pooled = encode_prompts(tokenizers, encoders, [""])
     tmp = f"{path}.partial-{os.getpid()}.npz"
@@ -181,6 +190,10 @@ def make_latents(
                          "0..num_parts-1")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: at least 1 image per encoder call")
+    if vae_dtype == "float16" and _vae_needs_fp32(pipeline_dir):
+        raise ValueError(f"--vae-dtype float16: the VAE in {pipeline_dir} says force_upcast (SDXL's original VAE "
+                         "overflows in float16, and every latent would be NaN); use float32 or bfloat16, or a "
+                         "pipeline with the fp16-fix VAE")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     text_dtype = text_dtype or ("float16" if device.startswith("cuda") else "float32")
     urls = expand_shards(shards)

@@ -137,6 +137,9 @@ def test_make_latents_resumes_shard_by_shard(tiny_pipeline_dir, raw_shards, tmp_
     (["--out", "RAW"], "holds the raw shards being read"),
     (["--part", "2", "--num-parts", "2"], "part in 0..num_parts-1"),
     (["--batch-size", "0"], "at least 1 image"),
+    # the tiny VAE, like SDXL's original one, says force_upcast: every latent would have been NaN, found only when
+    # training skipped them all as bad_latents
+    (["--vae-dtype", "float16"], "--vae-dtype float16: the VAE in"),
 ])
 def test_make_latents_refuses_arguments_that_would_do_nothing_or_harm(change, needle, tiny_pipeline_dir,
                                                                       raw_shards, tmp_path, capsys):
