@@ -52,10 +52,16 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path, str | None]
                         "measure (real shapes unless --tiny) and print them as one JSON line; builds no model, "
                         "makes only the synthetic shards (when missing)")
     a = p.parse_args(argv)
+    for flag, value, low in (("--batch", a.batch, 1), ("--micro-batch", a.micro_batch, 1), ("--steps", a.steps, 1),
+                             ("--warmup", a.warmup, 0), ("--workers", a.workers, 0)):
+        if value is not None and value < low:  # 0 fell back to the default; -1 failed after the models loaded
+            p.error(f"{flag} must be at least {low}, not {value}")
+    if not a.peak_tflops > 0:
+        p.error(f"--peak-tflops must be positive, not {a.peak_tflops}")
     tiny = a.tiny or (not torch.cuda.is_available() and not a.dry_run)
     warmup = a.warmup if a.warmup is not None else (1 if tiny else 2)
     bc = BenchConfig(student=a.student, profile=a.profile, batch=a.batch, micro_batch=a.micro_batch,
-                     steps=a.steps or (3 if tiny else 5), warmup=warmup,
+                     steps=a.steps if a.steps is not None else (3 if tiny else 5), warmup=warmup,
                      tiny=tiny, compare_plain=a.compare_plain, peak_tflops=a.peak_tflops, overrides=a.set,
                      plain_overrides=a.plain_set, data_dir=a.data, workers=a.workers, fp8_error=a.fp8_error,
                      dry_run=a.dry_run)

@@ -195,3 +195,14 @@ def _shape_cfg(bc):
     from train.config import load_config
 
     return load_config(_base(bc))
+
+
+@pytest.mark.parametrize("args", [["--steps", "-1"], ["--steps", "0"], ["--batch", "0"], ["--micro-batch", "-2"],
+                                  ["--warmup", "-1"], ["--peak-tflops", "0"]])
+def test_bad_counts_are_one_usage_line(args, capsys):
+    """0 fell back to the default silently, and --steps -1 failed after the models had loaded."""
+    from scripts.bench_train import parse
+
+    with pytest.raises(SystemExit) as info:
+        parse(args)
+    assert info.value.code == 2 and f"error: {args[0]} must be" in capsys.readouterr().err
