@@ -83,6 +83,14 @@ def test_export_errors_are_one_line(ckpt, tiny_pipeline_dir, tmp_path, capsys):
                f"the run's teacher.vae_path {tmp_path / 'gone_vae'} is not a VAE folder"),
               (["--checkpoint", str(ckpt), "--out", str(tmp_path / "g"), "--vae-path", str(tmp_path / "nope")], 2,
                "--vae-path")]
+    # weights that do not fit their config.json (a mixed-up copy): damaged input (exit 2), not a failed write (5)
+    mixed = tmp_path / "run" / "checkpoints" / "step_000000010"
+    shutil.copytree(ckpt, mixed)
+    config = json.loads((mixed / "student_ema" / "config.json").read_text())
+    config["cross_attention_dim"] = config["cross_attention_dim"] * 2
+    (mixed / "student_ema" / "config.json").write_text(json.dumps(config))
+    cases.append((["--checkpoint", str(mixed), "--out", str(tmp_path / "h")], 2,
+                  f"{mixed}/student_ema cannot be loaded: RuntimeError"))
     for argv, code, needle in cases:
         assert script.main(argv) == code, argv
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

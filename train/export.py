@@ -77,7 +77,9 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, weights: str
     Returns {"export_dir", "checkpoint", "step", "weights", "dtype", "teacher", "unet_params"}.
     """
     from omegaconf import OmegaConf
+    from safetensors import SafetensorError
 
+    from distill.files import error_summary
     from distill.sampling import SourceError, is_checkpoint, read_checkpoint_meta
     from distill.teachers import DTYPES
 
@@ -122,7 +124,10 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, weights: str
     if problem := pipeline_folder_problem(teacher, unet=False, vae=not tcfg.get("vae_path")):
         raise ExportError(f"the teacher pipeline folder {teacher} {problem}; {hint}")
     _check_target(Path(out_dir), ckpt, teacher)
-    student = _load_unet(ckpt / folder, DTYPES[dtype])
+    try:  # a read error is a damaged checkpoint (exit 2), not a failed write (exit 5)
+        student = _load_unet(ckpt / folder, DTYPES[dtype])
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
+        raise ExportError(f"{ckpt}/{folder} cannot be loaded: {error_summary(exc)}; export another checkpoint") from exc
     out = export_pipeline(teacher, tcfg, student, out_dir)
     return {"export_dir": str(out), "checkpoint": str(ckpt), "step": meta.get("step"), "weights": folder,
             "dtype": dtype, "teacher": tcfg.name, "unet_params": sum(p.numel() for p in student.parameters())}
