@@ -47,11 +47,16 @@ def load_hpsv2(checkpoint: str | None, device: torch.device) -> tuple[Hpsv2Score
         return None, ("HPSv2 skipped: open_clip is not installed: pip install open_clip_torch (the checkpoint "
                       "holds the whole ViT-H-14, nothing else is downloaded)")
     model, _, preprocess = open_clip.create_model_and_transforms(HPS_ARCH, pretrained=None, device=device)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    # The released checkpoints were saved from a DDP-wrapped model; strip its "module." prefix where present.
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    model.load_state_dict(state)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        # The released checkpoints were saved from a DDP-wrapped model; strip its "module." prefix where present.
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        model.load_state_dict(state)
+    except Exception as exc:  # damaged, or another model's: the other metrics still run, as for a CLIP folder
+        from distill.files import error_summary
+
+        return None, f"HPSv2 skipped: eval.hpsv2_checkpoint={checkpoint} cannot be loaded ({error_summary(exc)})"
     return Hpsv2Scorer(model, preprocess, open_clip.get_tokenizer(HPS_ARCH), device=device), None
 
 

@@ -28,7 +28,7 @@ WORLD_SIZE=$NUM_PROCESSES "$PYTHON_ENV/bin/python" train/main.py --check train.o
   train.resume=latest "$@" || exit 2
 
 # The overrides, quoted for the inner shell exactly as this script received them (spaces, quotes, braces).
-OVERRIDES=$(printf '%q ' "$@")
+OVERRIDES=$(if (($#)); then printf '%q ' "$@"; fi)  # none: nothing (printf alone gives '')
 srun --kill-on-bad-exit=1 bash -c "
   source '$PYTHON_ENV/bin/activate'
   exec accelerate launch --config_file '$CONFIG' \
