@@ -271,10 +271,12 @@ def _check_star(args: tuple[SourceRecord, PrepOptions]) -> dict[str, Any] | tupl
 
 
 class _LazyShardWriter:
-    """wds.ShardWriter that opens its first shard only when the first sample arrives."""
+    """wds.ShardWriter that opens its first shard only when the first sample arrives. Each shard is written as
+    NNNNNN.tar.partial and renamed to NNNNNN.tar once closed: a killed prep leaves no truncated shard under a name
+    that training reads."""
 
     def __init__(self, out: str, samples_per_shard: int):
-        self.pattern = os.path.join(out, "%06d.tar")
+        self.pattern = os.path.join(out, "%06d.tar" + _PARTIAL)
         self.samples_per_shard = samples_per_shard
         self.writer: wds.ShardWriter | None = None
         self.shards: list[str] = []
@@ -283,15 +285,20 @@ class _LazyShardWriter:
         if self.writer is None:
             # mtime=0 makes the tar bytes reproducible (same input, same shards).
             self.writer = wds.ShardWriter(
-                self.pattern, maxcount=self.samples_per_shard, maxsize=float("inf"), verbose=0, mtime=0
+                self.pattern, maxcount=self.samples_per_shard, maxsize=float("inf"), verbose=0, mtime=0,
+                post=lambda fname: os.replace(fname, fname.removesuffix(_PARTIAL)),
             )
         self.writer.write(sample)
-        if not self.shards or self.shards[-1] != self.writer.fname:
-            self.shards.append(self.writer.fname)
+        final = self.writer.fname.removesuffix(_PARTIAL)
+        if not self.shards or self.shards[-1] != final:
+            self.shards.append(final)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+_PARTIAL = ".partial"  # suffix of a shard being written
 
 
 def _prepare_out(out: str, overwrite: bool) -> None:
@@ -299,8 +306,10 @@ def _prepare_out(out: str, overwrite: bool) -> None:
     existing = sorted(glob.glob(os.path.join(out, "*.tar")))
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {len(existing)} shards; pass --overwrite to replace them")
-    for path in existing:
-        os.remove(path)
+    # shards of an earlier run, a killed run's unfinished one, and its summary, which no longer describes the folder
+    for path in [*existing, *glob.glob(os.path.join(out, "*.tar" + _PARTIAL)), os.path.join(out, "stats.json")]:
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def write_shards(

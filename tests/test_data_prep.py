@@ -245,3 +245,32 @@ def test_a_phone_mpo_photo_keeps_its_bytes_and_its_rotation(tmp_path):
     meta = json.loads(sample["json"])
     ex = RawDecoder(DataConfig(shards="x", resolution=32, random_crop=False))(sample, random.Random(0))
     assert ex.original_size == (meta["height"], meta["width"]) == (64, 40)  # upright, as the json says
+
+
+def test_a_shard_is_named_for_training_only_once_it_is_whole(tmp_path):
+    """Shards were written under their final names, so a killed `make data` left a truncated NNNNNN.tar that
+    training read (and skipped from the damage on). The one being written is NNNNNN.tar.partial; the next run
+    removes it and the previous stats.json."""
+    from data.prep import folder_records, write_shards
+
+    src = tmp_path / "src"
+    for i in range(5):
+        _write(src / f"{i}.png", encode_image(_image(30 + i), "png"))
+        _write(src / f"{i}.txt", f"caption {i}")
+    out = tmp_path / "out"
+    seen = []
+
+    def records():
+        for n, record in enumerate(folder_records(str(src))):
+            if n == 3:  # 3 written: shard 0 whole (2 samples), shard 1 half-written
+                seen.append(sorted(p.name for p in out.iterdir()))
+            yield record
+
+    summary = write_shards(records(), str(out), PrepOptions(samples_per_shard=2))
+    assert seen == [["000000.tar", "000001.tar.partial"]]
+    assert summary["written"] == 5 and sorted(p.name for p in out.iterdir()) == [
+        "000000.tar", "000001.tar", "000002.tar", "stats.json"]
+    (out / "000003.tar.partial").write_bytes(b"a killed run's")
+    write_shards(iter([]), str(out), PrepOptions(overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == ["stats.json"]
+    assert json.loads((out / "stats.json").read_text())["written"] == 0
