@@ -86,17 +86,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img
+    if mode.startswith("I"):  # before the transparency branch, whose RGBA conversion clips 16-bit values at 255
+        stored = np.asarray(img)
+        values = stored.astype(np.float64)
+        if mode.startswith("I;16") or values.max(initial=0) > _EIGHT_BIT_MAX:
+            values = values * (_EIGHT_BIT_MAX / _SIXTEEN_BIT_MAX)
+        gray = np.clip(np.rint(values), 0, _EIGHT_BIT_MAX).astype(np.uint8)
+        key = img.info.get("transparency")
+        if isinstance(key, int):  # the one see-through gray value: white, as transparent pixels are below
+            gray[stored == key] = _EIGHT_BIT_MAX
+        return Image.fromarray(gray).convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, _WHITE)
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    if mode.startswith("I"):
-        values = np.asarray(img).astype(np.float64)
-        if mode.startswith("I;16") or values.max(initial=0) > _EIGHT_BIT_MAX:
-            values = values * (_EIGHT_BIT_MAX / _SIXTEEN_BIT_MAX)
-        gray = np.clip(np.rint(values), 0, _EIGHT_BIT_MAX).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
     if mode == "F":
         values = np.asarray(img).astype(np.float64)
         if values.max(initial=0) <= 1.0:

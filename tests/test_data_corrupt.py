@@ -160,6 +160,15 @@ def test_truncated_tar_is_counted_and_the_stream_goes_on(tmp_path):
 def test_to_rgb_modes():
     gray16 = Image.fromarray(np.array([[0, 257 * 128, 65535]], dtype=np.uint16))
     assert np.asarray(to_rgb(gray16))[0, :, 0].tolist() == [0, 128, 255]
+    # a 16-bit PNG with a transparent gray value: scaled like the others (it was clipped at 255, nearly all
+    # white), the see-through value white
+    buffer = io.BytesIO()
+    Image.fromarray(np.array([[0, 257 * 128, 257 * 200, 65535]], dtype=np.uint16)).save(buffer, "PNG",
+                                                                                         transparency=257 * 200)
+    keyed = Image.open(io.BytesIO(buffer.getvalue()))
+    assert keyed.mode.startswith("I") and keyed.info["transparency"] == 257 * 200
+    assert np.asarray(to_rgb(keyed))[0, :, 0].tolist() == [0, 128, 255, 255]
+    assert np.asarray(to_rgb(keyed))[0, 1].tolist() == [128, 128, 128]
     assert to_rgb(Image.new("F", (2, 2), 0.5)).getpixel((0, 0)) == (128, 128, 128)
     assert to_rgb(Image.new("LA", (2, 2), (10, 0))).getpixel((0, 0)) == (255, 255, 255)
     rgb = Image.new("RGB", (2, 2), (1, 2, 3))
