@@ -28,6 +28,7 @@ from distill.sampling import (
     Generation,
     LoadedSource,
     SettingsError,
+    SourceError,
     check_settings,
     generate,
     image_grid,
@@ -90,6 +91,17 @@ class EvalConfig:
                                 f"{', '.join(TIMESTEP_SPACINGS)}")
         if self.grid_max < 1:
             raise SettingsError(f"grid_max must be at least 1, not {self.grid_max}")
+
+
+def _teacher_problem(folder: Path, unet_file: str | None) -> str | None:
+    """What keeps `folder` from being loaded as the teacher pipeline (None when nothing), from its files alone;
+    with `unet_file` (SDXL-Lightning) the folder's own U-Net weights are not needed."""
+    from distill.teachers import pipeline_folder_problem
+
+    if not folder.is_dir():
+        return f"{folder} is not a folder (a teacher pipeline folder, or auto for a checkpoint's own)"
+    problem = pipeline_folder_problem(folder, unet_weights=unet_file is None)
+    return f"{folder} {problem}" if problem else None
 
 
 def clip_folder_problem(path: str | None) -> str | None:
@@ -175,6 +187,9 @@ def run_eval(cfg: EvalConfig, scorers: Sequence[ImageTextScorer] = (), notes: Se
         logging.getLogger(__name__).warning(clip_problem)
 
     student = load_source(cfg.student, family=cfg.family, use_ema=cfg.use_ema, device=device, dtype=dtype)
+    teacher_src = teacher_source_for(student, cfg.teacher)  # a wrong teacher is said now, not after sampling
+    if teacher_src is not None and (problem := _teacher_problem(*teacher_src)):
+        raise SourceError(f"teacher={cfg.teacher}: {problem}")
     settings = resolve_settings(student.defaults, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                                 height=cfg.height, width=cfg.width, timestep_spacing=cfg.timestep_spacing)
     gen_s = generate(student.pipe, prompts, settings, seed=cfg.seed, batch_size=cfg.batch_size,
@@ -186,7 +201,6 @@ def run_eval(cfg: EvalConfig, scorers: Sequence[ImageTextScorer] = (), notes: Se
         "student": _model_summary(student, gen_s, spacing),
     }
     files = {"student": save_images(gen_s, out / "student", grid_max=cfg.grid_max)}
-    teacher_src = teacher_source_for(student, cfg.teacher)
     student_scheduler = dict(student.pipe.scheduler.config)
     _free(student)
 

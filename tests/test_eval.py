@@ -214,3 +214,18 @@ def test_bad_eval_values_are_one_line_before_any_model_loads(tmp_path, capsys, a
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not out.exists()
+
+
+def test_a_wrong_teacher_is_one_line_before_the_student_samples(ckpt, tmp_path, monkeypatch):
+    """A teacher folder that is not there (or not a pipeline) was found only after the student had sampled every
+    prompt; now before any image is made."""
+    import distill.evaluation as evaluation
+    from distill.sampling import SourceError
+
+    calls = []
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: calls.append(1))
+    for teacher, needle in ((tmp_path / "gone", "is not a folder"), (tmp_path, "lacks model_index.json")):
+        cfg = EvalConfig(student=str(ckpt), teacher=str(teacher), out_dir=str(tmp_path / "out"))
+        with pytest.raises(SourceError, match=needle):
+            run_eval(cfg)
+    assert not calls
