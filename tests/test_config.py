@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -750,3 +751,35 @@ def test_deepspeed_zero3_is_one_line_before_any_model_loads(tmp_path, demo_shard
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")  # a ZeRO-3 file without DeepSpeed is not used
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     validate(cfg)
+
+
+def test_a_checkpoint_replaced_by_one_of_the_same_step_survives_a_kill_between_the_renames(tmp_path, monkeypatch):
+    """finalize deleted the older checkpoint of the same step before renaming the new one into place: a kill in
+    between left neither. It is now renamed aside first, and the next start puts it back."""
+    from train import checkpoint
+
+    run = tmp_path / "run"
+    old = _checkpoint(run, 4)
+    old_meta = (old / "meta.json").read_text()
+    tmp = checkpoint.temp_dir(run, 4)
+    shutil.copytree(old, tmp)
+    (tmp / "meta.json").unlink()
+    real_rename = Path.rename
+
+    def killed_at_the_second(self, target):
+        if self == tmp:
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "rename", killed_at_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.finalize(run, 4, {"step": 4, "again": True}, keep_last=0)
+    assert not old.exists() and checkpoint.latest_checkpoint(run) is None
+    checkpoint.remove_stale_temps(run)  # what the next run does first
+    assert checkpoint.latest_checkpoint(run) == old and (old / "meta.json").read_text() == old_meta
+    assert sorted(p.name for p in checkpoint.checkpoint_root(run).iterdir()) == ["step_000000004"]
+    shutil.copytree(old, tmp)  # replaced without a kill: the new one, and nothing aside
+    checkpoint.finalize(run, 4, {"step": 4, "again": True}, keep_last=0)
+    assert json.loads((old / "meta.json").read_text())["again"] is True
+    assert sorted(p.name for p in checkpoint.checkpoint_root(run).iterdir()) == ["step_000000004"]

@@ -87,11 +87,21 @@ def temp_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def remove_stale_temps(output_dir: str | Path) -> None:
-    """Delete half-written checkpoints left by a killed run (main process only)."""
+    """Delete half-written checkpoints left by a killed run, and put back a checkpoint that `finalize` had set aside
+    to replace it when the run was killed between its two renames (main process only)."""
     root = checkpoint_root(output_dir)
     if root.is_dir():
         for p in root.glob(".tmp-step_*"):
             shutil.rmtree(p, ignore_errors=True)
+        for p in root.glob(_ASIDE + "step_*"):
+            target = root / p.name.removeprefix(_ASIDE)
+            if target.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.rename(target)
+
+
+_ASIDE = ".replaced-"  # prefix of a checkpoint that finalize is replacing by a new one of the same step
 
 
 def finalize(output_dir: str | Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
@@ -102,9 +112,12 @@ def finalize(output_dir: str | Path, step: int, meta: dict[str, Any], keep_last:
     (tmp / META).write_text(json.dumps({**meta, "files": files}, indent=2, default=str))
     final = checkpoint_root(output_dir) / checkpoint_name(step)
     widen_to_umask(tmp)
-    if final.exists():  # a checkpoint of the same step (e.g. written again after a resume) is replaced
-        shutil.rmtree(final)
+    aside = final.with_name(_ASIDE + final.name)
+    if final.exists():  # a checkpoint of the same step (e.g. written again after a resume) is replaced: renamed
+        shutil.rmtree(aside, ignore_errors=True)  # aside first, so a kill between the renames loses neither
+        final.rename(aside)
     tmp.rename(final)
+    shutil.rmtree(aside, ignore_errors=True)
     if keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             if old != final:  # never the one just written
