@@ -654,3 +654,14 @@ def test_a_resume_takes_the_configs_optimizer_settings(tmp_path, demo_shards, ti
     assert group["initial_lr"] == 4e-4 and group["weight_decay"] == 0.05 and group["betas"] == (0.9, 0.99)
     assert group["fused"] is True and seen["skip"]  # the on-device skip drives the fused kernel
     assert saved["param_groups"][0]["fused"] is False and saved["state"][0]["exp_avg"].abs().sum() > 0
+
+
+def test_a_run_file_that_cannot_be_written_is_one_line(tmp_path, demo_shards, tiny_pipeline_dir, monkeypatch,
+                                                       capsys):
+    """config.yaml (written first) and feature_pairs.txt went through a plain write_text: a full disk at the start
+    of a run ended it with a traceback."""
+    out = tmp_path / "run"
+    (out / "config.yaml").mkdir(parents=True)  # cannot be written as a file, as on a full disk
+    assert _main_with_full_disk(out, demo_shards, tiny_pipeline_dir, monkeypatch, None, "train.max_steps=1") == 5
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1 and f"{out / 'config.yaml'} could not be written: Is a directory" in err[0], err

@@ -405,7 +405,7 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
             "this run computes in fp32; bf16 works on both")
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        _write_run_file(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         ckpt.remove_stale_temps(output_dir)
     accelerator.wait_for_everyone()
 
@@ -487,12 +487,23 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
                                 data=[[p.label, p.teacher, p.student] for p in pairs])
             accelerator.log({"feature_pairs": table}, step=state.step)
     if main:
-        (output_dir / "feature_pairs.txt").write_text(format_pairs(pairs) + "\n")
+        _write_run_file(output_dir / "feature_pairs.txt", format_pairs(pairs) + "\n")
     cbs: list[Callback] = [*([ema] if ema else []), ScalarLogger(tr.log_every, show_progress),
                            SampleGrid(tr.sample_every, tr.sample_at_end), *([Audit()] if tr.audit else [])]
     return Run(cfg=cfg, accelerator=accelerator, teacher=teacher, student=prepared, distiller=distiller,
                optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader, state=state, output_dir=output_dir,
                accum=accum, callbacks=cbs + list(callbacks or []), ema=ema)
+
+
+def _write_run_file(path: Path, text: str) -> None:
+    """Write one of the run folder's own files; a full disk or a quota is CheckpointWriteError (one line, exit 5)
+    instead of a traceback."""
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        reason = ckpt.write_error_reason(exc) or type(exc).__name__
+        raise ckpt.CheckpointWriteError(f"{path} could not be written: {reason}; free space there (or pick another "
+                                        "train.output_dir) and start again") from exc
 
 
 def _empty_prompt(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
