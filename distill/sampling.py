@@ -276,7 +276,18 @@ def _load_source(path: Path, family: str | None, use_ema: bool, device: str | to
         if problem := pipeline_folder_problem(teacher_path, unet=False, index=False):  # the student is the U-Net
             raise SourceError(f"the teacher folder {teacher_path} named in {path}/{CHECKPOINT_META} {problem}")
         student = UNet2DConditionModel.from_pretrained(path / unet_folder, dtype=dtype)
-        pipe = StableDiffusionXLPipeline.from_pretrained(teacher_path, unet=student, dtype=dtype)
+        parts: dict[str, Any] = {"unet": student}
+        vae_path = ((meta.get("config") or {}).get("teacher") or {}).get("vae_path")
+        if vae_path and (Path(vae_path) / "config.json").is_file():  # the VAE the run's previews and export use
+            from diffusers import AutoencoderKL
+
+            parts["vae"] = AutoencoderKL.from_pretrained(vae_path, dtype=dtype)
+        elif vae_path:
+            import logging
+
+            logging.getLogger(__name__).warning("the run's teacher.vae_path %s is not here: the teacher folder's "
+                                                "VAE decodes instead", vae_path)
+        pipe = StableDiffusionXLPipeline.from_pretrained(teacher_path, dtype=dtype, **parts)
         defaults = run_settings or family_settings(family)
         # the student predicts what its teacher predicts (teacher.prediction_type of the run, e.g. x0 for the
         # 1-step Lightning U-Net), whatever the teacher folder's scheduler says

@@ -97,8 +97,8 @@ def test_checkpoint_source_uses_ema_and_family_spacing(ckpt):
 
 def test_a_checkpoint_samples_with_its_runs_sampler_settings(ckpt, tmp_path):
     """A run's teacher.sampler and resolution (written into its export's koala_sampler.json) are its checkpoints'
-    defaults too: they used the family's table, so a checkpoint and its export sampled differently. An explicit
-    family still asks for that family's defaults."""
+    defaults too, and its teacher.vae_path decodes: they used the family's table and the teacher folder's VAE, so
+    a checkpoint and its export sampled differently. An explicit family still asks for that family's defaults."""
     import shutil
 
     from omegaconf import OmegaConf
@@ -111,9 +111,16 @@ def test_a_checkpoint_samples_with_its_runs_sampler_settings(ckpt, tmp_path):
     teacher = OmegaConf.to_container(load_config(["teacher=tiny", "teacher.sampler.steps=2",
                                                   "teacher.sampler.guidance_scale=0", "teacher.resolution=32",
                                                   "teacher.sampler.timestep_spacing=trailing"]).teacher)
-    meta["config"] = {"teacher": teacher}
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(Path(meta["teacher_path"]) / "vae")  # another VAE: the run's vae_path
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)
+    vae.save_pretrained(tmp_path / "vae_fix")
+    meta["config"] = {"teacher": {**teacher, "vae_path": str(tmp_path / "vae_fix")}}
     (run / "meta.json").write_text(json.dumps(meta))
     loaded = load_source(run)
+    torch.testing.assert_close(loaded.pipe.vae.decoder.conv_out.bias, vae.decoder.conv_out.bias)  # as its export
     d = loaded.defaults
     assert (d.steps, d.guidance_scale, d.height, d.width, d.timestep_spacing) == (2, 0.0, 32, 32, "trailing")
     assert loaded.pipe.scheduler.config.timestep_spacing == "trailing"
