@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -33,6 +34,16 @@ def widen_to_umask(folder: str | Path) -> None:
             wanted = mode | (full & ~mask)
             if wanted != mode and not os.path.islink(path):
                 os.chmod(path, wanted)
+
+
+def swap_into_place(new: Path, final: Path, aside: Path) -> None:
+    """Rename the whole folder `new` to `final`. A `final` already there is renamed to `aside` first and deleted
+    after, so a kill at any point leaves one whole folder: `final`, or (between the two renames) `aside`."""
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)  # a killed swap's leftover: `final` is the whole one
+        final.rename(aside)
+    new.rename(final)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def out_folder_problem(flag: str, path: str) -> str | None:

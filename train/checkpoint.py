@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distill.files import error_summary, widen_to_umask
+from distill.files import error_summary, swap_into_place, widen_to_umask
 
 CKPT_RE = re.compile(r"^step_(\d{9})$")
 META = "meta.json"
@@ -112,12 +112,9 @@ def finalize(output_dir: str | Path, step: int, meta: dict[str, Any], keep_last:
     (tmp / META).write_text(json.dumps({**meta, "files": files}, indent=2, default=str))
     final = checkpoint_root(output_dir) / checkpoint_name(step)
     widen_to_umask(tmp)
-    aside = final.with_name(_ASIDE + final.name)
-    if final.exists():  # a checkpoint of the same step (e.g. written again after a resume) is replaced: renamed
-        shutil.rmtree(aside, ignore_errors=True)  # aside first, so a kill between the renames loses neither
-        final.rename(aside)
-    tmp.rename(final)
-    shutil.rmtree(aside, ignore_errors=True)
+    # a checkpoint of the same step (e.g. written again after a resume) is replaced; remove_stale_temps puts it
+    # back when the run was killed between the renames
+    swap_into_place(tmp, final, final.with_name(_ASIDE + final.name))
     if keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             if old != final:  # never the one just written

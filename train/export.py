@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from distill.files import out_folder_problem, weights_problem, widen_to_umask
+from distill.files import out_folder_problem, swap_into_place, weights_problem, widen_to_umask
 from distill.teachers import export_scheduler, pipeline_folder_problem
 
 _COPIED = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -35,10 +35,7 @@ def export_pipeline(teacher_path: Path, tcfg: Any, student: torch.nn.Module, out
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(tmp, out, old)
     return out
 
 
