@@ -10,20 +10,26 @@ fields and metadata of the source, plus the image's "width"/"height" in px and i
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import webdataset as wds
+from tqdm.auto import tqdm
 
 from data.captions import SkipSample, decode_json, decode_text, first_field
 from data.images import IMAGE_EXTENSIONS, open_image, oriented_size, to_rgb
+
+logger = logging.getLogger(__name__)
 
 # Image files a folder source may hold; all but jpg/png/webp are re-encoded as PNG.
 READABLE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -270,92 +276,178 @@ def _check_star(args: tuple[SourceRecord, PrepOptions]) -> dict[str, Any] | tupl
     return check_record(*args)
 
 
-class _LazyShardWriter:
-    """wds.ShardWriter that opens its first shard only when the first sample arrives. Each shard is written as
-    NNNNNN.tar.partial and renamed to NNNNNN.tar once closed: a killed prep leaves no truncated shard under a name
-    that training reads."""
+class _ShardWriter:
+    """Writes samples into shards of `samples_per_shard`, each as NNNNNN.tar.partial renamed to NNNNNN.tar once
+    whole, so that a killed prep leaves no truncated shard under a name that training reads. A shard is opened only
+    when its first sample arrives."""
 
-    def __init__(self, out: str, samples_per_shard: int):
-        self.pattern = os.path.join(out, "%06d.tar" + _PARTIAL)
+    def __init__(self, out: str, samples_per_shard: int, first_shard: int = 0):
+        self.out = out
         self.samples_per_shard = samples_per_shard
-        self.writer: wds.ShardWriter | None = None
-        self.shards: list[str] = []
+        self.next_index = first_shard
+        self.stream: wds.TarWriter | None = None
+        self.path = ""
+        self.count = 0
+        self.shards: list[str] = []  # the shards written by this call, final names
 
-    def write(self, sample: dict[str, Any]) -> None:
-        if self.writer is None:
+    def write(self, sample: dict[str, Any]) -> bool:
+        """Write one sample; True when it filled its shard (which is then closed and renamed)."""
+        if self.stream is None:
+            self.path = os.path.join(self.out, f"{self.next_index:06d}.tar")
+            self.next_index += 1
             # mtime=0 makes the tar bytes reproducible (same input, same shards).
-            self.writer = wds.ShardWriter(
-                self.pattern, maxcount=self.samples_per_shard, maxsize=float("inf"), verbose=0, mtime=0,
-                post=lambda fname: os.replace(fname, fname.removesuffix(_PARTIAL)),
-            )
-        self.writer.write(sample)
-        final = self.writer.fname.removesuffix(_PARTIAL)
-        if not self.shards or self.shards[-1] != final:
-            self.shards.append(final)
+            self.stream = wds.TarWriter(self.path + _PARTIAL, mtime=0)
+            self.count = 0
+            self.shards.append(self.path)
+        self.stream.write(sample)
+        self.count += 1
+        if self.count < self.samples_per_shard:
+            return False
+        self.close()
+        return True
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, keep_partial: bool = False) -> None:
+        """Close the open shard: renamed to its final name, or left as .partial (an interrupted run's)."""
+        if self.stream is None:
+            return
+        self.stream.close()
+        self.stream = None
+        if keep_partial:
+            self.shards.pop()
+        else:
+            os.replace(self.path + _PARTIAL, self.path)
 
 
 _PARTIAL = ".partial"  # suffix of a shard being written
+PROGRESS_FILE = "prep_progress.json"  # an unfinished prep's state after its last whole shard (see write_shards)
+_PROGRESS_COUNTS = ("consumed", "written", "shards")
 
 
-def _prepare_out(out: str, overwrite: bool) -> None:
+def _write_json(path: str, value: Any) -> None:
+    """Write JSON through a temporary file and a rename: a kill leaves the old file or the new one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _prepare_out(out: str, overwrite: bool, made_with: dict[str, Any]) -> dict[str, Any] | None:
+    """Empty `out` for a new prep, or, when it holds an unfinished prep of the same source and options, keep its
+    whole shards and return its progress (to resume). Anything else already there is a FileExistsError unless
+    `overwrite`."""
     os.makedirs(out, exist_ok=True)
     existing = sorted(glob.glob(os.path.join(out, "*.tar")))
+    progress_path = os.path.join(out, PROGRESS_FILE)
+    partials = glob.glob(os.path.join(out, "*.tar" + _PARTIAL))
+    if not overwrite and os.path.exists(progress_path) and not os.path.exists(os.path.join(out, "stats.json")):
+        try:
+            with open(progress_path) as f:
+                progress = json.load(f)
+            if not isinstance(progress, dict) or not all(isinstance(progress.get(k), int) for k in _PROGRESS_COUNTS):
+                raise ValueError(f"not an object with the counts {', '.join(_PROGRESS_COUNTS)}")
+        except (OSError, ValueError) as exc:
+            raise FileExistsError(f"{out} holds an unfinished prep whose {PROGRESS_FILE} is unreadable ({exc}); pass "
+                                  "--overwrite to start again") from exc
+        if progress.get("made_with") != made_with:
+            changed = sorted(k for k in {**made_with, **progress.get("made_with", {})}
+                             if made_with.get(k) != progress.get("made_with", {}).get(k))
+            raise FileExistsError(f"{out} holds an unfinished prep of another source or options ({', '.join(changed)} "
+                                  "differ); run the same command to resume it, or pass --overwrite to start again")
+        kept = {os.path.join(out, f"{i:06d}.tar") for i in range(progress["shards"])}
+        missing = sorted(kept - set(existing))
+        if missing:
+            raise FileExistsError(f"{out}: the unfinished prep's shard {os.path.basename(missing[0])} is gone; pass "
+                                  "--overwrite to start again")
+        for path in [*partials, *sorted(set(existing) - kept)]:  # the shard being written when it stopped
+            os.remove(path)
+        return progress
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {len(existing)} shards; pass --overwrite to replace them")
-    # shards of an earlier run, a killed run's unfinished one, and its summary, which no longer describes the folder
-    for path in [*existing, *glob.glob(os.path.join(out, "*.tar" + _PARTIAL)), os.path.join(out, "stats.json")]:
+    # shards of an earlier run, a killed run's unfinished one, and its summaries, which no longer describe the folder
+    for path in [*existing, *partials, os.path.join(out, "stats.json"), progress_path]:
         if os.path.exists(path):
             os.remove(path)
+    return None
 
 
 def write_shards(
-    records: Iterable[SourceRecord], out: str, opts: PrepOptions, skips: Counter[str] | None = None
+    records: Iterable[SourceRecord], out: str, opts: PrepOptions, skips: Counter[str] | None = None,
+    source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Check every record and write the good ones into shards of opts.samples_per_shard samples.
 
     Returns {"written", "skipped", "shards", "out", "reasons" (reason -> count), "examples" (reason ->
     names)} and writes the same summary to out/stats.json.
+
+    Resumable: after each whole shard, out/prep_progress.json records how many records were read, the samples
+    written and the skip counts. A run into a folder holding an unfinished prep of the same `source` (a description
+    of the input, e.g. its path and format) and options keeps its whole shards, skips the records they came from
+    (without checking them again) and ends with the shards and summary an uninterrupted run would have written.
+    `records` must then come in the same order as before. `skips` counts skips found while reading the source (not
+    saved: the skipped records are read again on a resume, which counts them again).
     """
     if opts.key_prefix and re.search(r"[./\\]", opts.key_prefix):
         raise ValueError(f"key prefix {opts.key_prefix!r} must not contain '.', '/' or '\\'")
-    _prepare_out(out, opts.overwrite)
+    made_with = {"source": source or {}, **{k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite")}}
+    progress = _prepare_out(out, opts.overwrite, made_with)
     skips = skips if skips is not None else Counter()
-    examples: dict[str, list[str]] = {}
-    writer = _LazyShardWriter(out, opts.samples_per_shard)
-    written = 0
+    checked: Counter[str] = Counter(progress["reasons"] if progress else {})  # skips found by check_record
+    examples: dict[str, list[str]] = progress["examples"] if progress else {}
+    consumed = progress["consumed"] if progress else 0  # records read (kept or skipped) up to the last whole shard
+    written = progress["written"] if progress else 0
+    first_shard = progress["shards"] if progress else 0
+    if progress:
+        logger.info("resuming the unfinished prep in %s: %d whole shard(s), %d samples kept; %d source records "
+                    "already read are skipped", out, first_shard, written, consumed)
+    records = iter(records)
+    for _ in range(consumed):  # read again, not checked again; skips found while reading are counted
+        if next(records, None) is None:
+            break
+    writer = _ShardWriter(out, opts.samples_per_shard, first_shard)
     jobs = ((record, opts) for record in records)
     pool = multiprocessing.get_context("fork").Pool(opts.workers) if opts.workers > 1 else None
+    finished = False
     try:
         results = pool.imap(_check_star, jobs, chunksize=8) if pool else map(_check_star, jobs)
-        for result in results:
+        # on a terminal: records read per second; logs get one line per whole shard instead
+        bar = tqdm(results, desc="prep", unit=" records", initial=consumed, disable=None, dynamic_ncols=True)
+        started, consumed_at_start = time.monotonic(), consumed
+        for result in bar:
+            consumed += 1
             if isinstance(result, tuple):
                 reason, name = result
-                skips[reason] += 1
+                checked[reason] += 1
                 names = examples.setdefault(reason, [])
                 if len(names) < _EXAMPLES_PER_REASON:
                     names.append(name)
                 continue
-            writer.write({"__key__": f"{opts.key_prefix}{written:09d}", **result})
+            if writer.write({"__key__": f"{opts.key_prefix}{written:09d}", **result}):
+                _write_json(os.path.join(out, PROGRESS_FILE), {
+                    "made_with": made_with, "consumed": consumed, "written": written + 1,
+                    "shards": writer.next_index, "reasons": dict(checked), "examples": examples})
+                rate = (consumed - consumed_at_start) / max(time.monotonic() - started, 1e-9)
+                logger.info("%s whole: %d samples kept, %d skipped, %.1f records/s", os.path.basename(writer.path),
+                            written + 1, sum(checked.values()) + sum(skips.values()), rate)
             written += 1
+            bar.set_postfix(kept=written, skipped=sum(checked.values()) + sum(skips.values()), refresh=False)
+        finished = True
     finally:
-        writer.close()
+        writer.close(keep_partial=not finished)  # an interrupted shard stays .partial: a resume writes it again
         if pool is not None:
             pool.close()
             pool.join()
+    reasons = checked + skips
     summary = {
         "written": written,
-        "skipped": sum(skips.values()),
-        "shards": len(writer.shards),
+        "skipped": sum(reasons.values()),
+        "shards": writer.next_index,
         "out": os.path.abspath(out),
-        "reasons": dict(sorted(skips.items())),
+        "reasons": dict(sorted(reasons.items())),
         "examples": examples,
     }
     with open(os.path.join(out, "stats.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    if os.path.exists(os.path.join(out, PROGRESS_FILE)):
+        os.remove(os.path.join(out, PROGRESS_FILE))
     return summary
 
 
@@ -375,7 +467,31 @@ def prep_shards(src: str, out: str, fmt: str | None = None, opts: PrepOptions | 
         records = img2dataset_records(src, skips)
     else:
         raise ValueError(f"unknown source format {fmt!r}: folder, manifest or img2dataset")
-    return write_shards(records, out, opts, skips)
+    return write_shards(records, out, opts, skips, source=source_identity(src, fmt))
+
+
+def source_identity(src: str, fmt: str) -> dict[str, Any]:
+    """What a resumed prep checks is unchanged in its source: the path and format, plus a manifest's size and
+    modification time, or a digest of the sorted file names (and, for img2dataset tars, sizes) in a folder: a file
+    added, removed or rewritten would change the order of the records, so the whole shards would no longer match."""
+    identity: dict[str, Any] = {"src": os.path.abspath(src), "format": fmt}
+    if os.path.isfile(src):
+        stat = os.stat(src)
+        identity.update(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        return identity
+    digest, files = hashlib.sha256(), 0
+    for d, _, names in sorted(os.walk(src)):
+        for name in sorted(names):
+            path = os.path.join(d, name)
+            if fmt == "img2dataset" and name.endswith(".tar"):
+                digest.update(f"{os.path.relpath(path, src)}\0{os.path.getsize(path)}\n".encode())
+            elif fmt == "folder" and name.lower().endswith(READABLE_EXTENSIONS):
+                digest.update(f"{os.path.relpath(path, src)}\n".encode())
+            else:
+                continue
+            files += 1
+    identity.update(files=files, names_sha256=digest.hexdigest())
+    return identity
 
 
 def report_lines(summary: dict[str, Any]) -> list[str]:

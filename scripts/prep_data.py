@@ -4,11 +4,13 @@ Usage: python scripts/prep_data.py --src SRC --out DIR [--format folder|manifest
        [--samples-per-shard N] [--min-side PX] [--min-aspect W/H] [--max-aspect W/H] [--max-pixels N]
        [--image-column COL] [--workers N] [--overwrite]
 Prints one line per skip reason, then one JSON line {"written", "skipped", "shards", "out", "reasons"}.
+A killed run resumes when the same command runs again (its whole shards are kept); --overwrite starts again.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -31,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-root", help="base folder of relative manifest paths (default: its folder)")
     parser.add_argument("--key-prefix", default="", help="prefix of the sample keys (no dots or slashes)")
     parser.add_argument("--workers", type=int, default=1, help="processes that read and check images")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace shards already in --out (without it, an unfinished prep of the same source "
+                             "and options resumes)")
     args = parser.parse_args(argv)
     src = Path(args.src)
     if args.format == "manifest" and src.is_dir():
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers,
         overwrite=args.overwrite,
     )
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # resume and per-shard lines
     for line in report_lines(prep_shards(args.src, args.out, args.format, opts)):
         print(line, flush=True)
 

@@ -267,10 +267,63 @@ def test_a_shard_is_named_for_training_only_once_it_is_whole(tmp_path):
             yield record
 
     summary = write_shards(records(), str(out), PrepOptions(samples_per_shard=2))
-    assert seen == [["000000.tar", "000001.tar.partial"]]
+    assert seen == [["000000.tar", "000001.tar.partial", "prep_progress.json"]]
     assert summary["written"] == 5 and sorted(p.name for p in out.iterdir()) == [
         "000000.tar", "000001.tar", "000002.tar", "stats.json"]
     (out / "000003.tar.partial").write_bytes(b"a killed run's")
     write_shards(iter([]), str(out), PrepOptions(overwrite=True))
     assert sorted(p.name for p in out.iterdir()) == ["stats.json"]
     assert json.loads((out / "stats.json").read_text())["written"] == 0
+
+
+def test_a_killed_prep_resumes_into_the_shards_an_uninterrupted_one_writes(tmp_path, monkeypatch, caplog):
+    """`make data` over 500K images takes hours. Killed after two whole shards (record 6 of 7 being checked, the
+    third shard half written), the same command resumes: it keeps the whole shards, checks only the records after
+    them, and ends with byte-identical shards and the same counts as a run that was never stopped. A changed option
+    is refused rather than mixed in, and a finished folder is not resumed."""
+    import logging
+
+    from data import prep
+
+    src = tmp_path / "src"
+    for i in range(7):
+        data = encode_image(_image(i), "png")
+        _write(src / f"{i}.png", data[: len(data) // 3] if i == 2 else data)  # 2: truncated, skipped
+        _write(src / f"{i}.txt", f"caption {i}")
+    opts = dict(samples_per_shard=2, min_side=8)
+    full = prep_shards(str(src), str(tmp_path / "full"), opts=PrepOptions(**opts))
+    assert (full["written"], full["shards"], full["reasons"]) == (6, 3, {"bad_image": 1})
+
+    checked, real_check = [], prep.check_record
+
+    def killed_at_6(record, o):
+        if record.name == "6.png":
+            raise KeyboardInterrupt  # as Ctrl-C or a kill would stop it mid-shard
+        checked.append(record.name)
+        return real_check(record, o)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(prep, "check_record", killed_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        prep_shards(str(src), str(out), opts=PrepOptions(**opts))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000000.tar", "000001.tar", "000002.tar.partial", "prep_progress.json"]  # no stats.json: not finished
+    with pytest.raises(FileExistsError, match="min_side"):  # other options: not resumed into these shards
+        prep_shards(str(src), str(out), opts=PrepOptions(samples_per_shard=2, min_side=9))
+    _write(src / "3b.png", encode_image(_image(9), "png"))  # an image added: the records after it shift
+    with pytest.raises(FileExistsError, match="source"):
+        prep_shards(str(src), str(out), opts=PrepOptions(**opts))
+    os.remove(src / "3b.png")
+
+    checked.clear()
+    monkeypatch.setattr(prep, "check_record", lambda record, o: checked.append(record.name) or real_check(record, o))
+    caplog.set_level(logging.INFO, logger="data.prep")
+    resumed = prep_shards(str(src), str(out), opts=PrepOptions(**opts))
+    assert checked == ["5.png", "6.png"]  # records 0-4 went into the two whole shards (or were skipped before)
+    assert "resuming the unfinished prep" in caplog.text and "2 whole shard(s), 4 samples kept" in caplog.text
+    assert {k: v for k, v in resumed.items() if k != "out"} == {k: v for k, v in full.items() if k != "out"}
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "full").iterdir())
+    for name in ("000000.tar", "000001.tar", "000002.tar"):
+        assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    with pytest.raises(FileExistsError, match="already holds 3 shards"):  # finished: a rerun needs --overwrite
+        prep_shards(str(src), str(out), opts=PrepOptions(**opts))
