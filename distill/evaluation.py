@@ -30,6 +30,7 @@ from distill.sampling import (
     SettingsError,
     SourceError,
     check_settings,
+    clear_images,
     generate,
     image_grid,
     load_source,
@@ -201,6 +202,9 @@ def run_eval(cfg: EvalConfig, scorers: Sequence[ImageTextScorer] = (), notes: Se
         "student": _model_summary(student, gen_s, spacing),
     }
     files = {"student": save_images(gen_s, out / "student", grid_max=cfg.grid_max)}
+    if teacher_src is None:  # an earlier run's teacher images would sit beside this report as if they were its own
+        clear_images(out / "teacher")
+        (out / "grid_teacher_student.png").unlink(missing_ok=True)
     student_scheduler = dict(student.pipe.scheduler.config)
     _free(student)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -485,9 +486,25 @@ def image_grid(images: Sequence[Image.Image], cols: int, pad: int = 2) -> Image.
     return grid
 
 
-def save_images(generation: Generation, folder: str | Path, grid_cols: int = 4, grid_max: int = 64) -> dict:
-    """Write <folder>/<i>.png per image, grid.png (the first grid_max images) and prompts.json; return paths."""
+def clear_images(folder: str | Path) -> None:
+    """Remove what save_images writes (NNNN.png, grid.png, prompts.json) from `folder`, and the folder when that
+    leaves it empty; other files stay. A rerun with fewer prompts, or without a teacher, then leaves no image of the
+    earlier run beside the new ones."""
     folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.name in ("grid.png", "prompts.json") or re.fullmatch(r"\d{4,}\.png", path.name):
+            path.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def save_images(generation: Generation, folder: str | Path, grid_cols: int = 4, grid_max: int = 64) -> dict:
+    """Write <folder>/<i>.png per image, grid.png (the first grid_max images) and prompts.json, replacing the images
+    of an earlier run there; return the paths."""
+    folder = Path(folder)
+    clear_images(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, img in enumerate(generation.images):

@@ -80,11 +80,21 @@ def test_teacher_at_its_own_steps_and_guidance(tiny_dir, tmp_path):
 
 
 def test_teacher_against_itself_agrees_exactly(tiny_dir, tmp_path):
-    cfg = EvalConfig(student=str(tiny_dir), teacher=str(tiny_dir), max_prompts=1, steps=2, height=32, width=32,
+    """Then a rerun into the same folder with fewer prompts and no teacher leaves only its own images there (before,
+    the earlier run's 0001.png, teacher/ and pair grid stayed beside the new report); a file of the user's stays."""
+    cfg = EvalConfig(student=str(tiny_dir), teacher=str(tiny_dir), max_prompts=2, steps=2, height=32, width=32,
                      batch_size=1, warmup_batches=0, device="cpu", out_dir=str(tmp_path))
     report = run_eval(cfg)
     assert report["agreement"] == {"latent_mse": 0.0, "psnr_db": PSNR_CAP_DB, "ssim": pytest.approx(1.0)}
     assert any(n.startswith("CLIP score skipped") for n in report["notes"])
+    assert sorted(p.name for p in (tmp_path / "teacher").iterdir()) == ["0000.png", "0001.png", "grid.png",
+                                                                         "prompts.json"]
+    (tmp_path / "teacher" / "my_notes.txt").write_text("kept")
+    run_eval(EvalConfig(student=str(tiny_dir), max_prompts=1, steps=1, height=32, width=32, batch_size=1,
+                        warmup_batches=0, device="cpu", out_dir=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md", "student", "teacher"]
+    assert sorted(p.name for p in (tmp_path / "student").iterdir()) == ["0000.png", "grid.png", "prompts.json"]
+    assert [p.name for p in (tmp_path / "teacher").iterdir()] == ["my_notes.txt"]
 
 
 def test_the_teacher_samples_with_the_students_prediction_type(ckpt, tmp_path):
