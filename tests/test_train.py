@@ -494,6 +494,29 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_comp
     assert checkpoint.read_meta(checkpoint.latest_checkpoint(out))["step"] == 2
 
 
+def test_only_write_errors_count_as_write_failures(tmp_path):
+    """torch.save's zip writer on a full disk raises a bare RuntimeError: a write failure (one line, exit 5, the
+    last checkpoint kept). A CUDA or NCCL RuntimeError while the state is gathered is not: it keeps its traceback
+    instead of being reported as a full disk."""
+    from disk_full import DiskFills
+
+    from train.checkpoint import write_error_reason
+
+    disk = DiskFills(None, 2**16)
+    disk.fill()
+    try:
+        with pytest.raises(RuntimeError) as full:
+            torch.save({"w": torch.zeros(2**16)}, tmp_path / "state.pt")
+    finally:
+        disk.release()
+    assert write_error_reason(full.value).startswith("RuntimeError: "), full.value
+    assert write_error_reason(OSError(28, "No space left on device")) == "No space left on device"
+    for exc in (RuntimeError("CUDA error: an illegal memory access was encountered"),
+                torch.distributed.DistBackendError("NCCL communicator was aborted on rank 1"),
+                torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), ValueError("bad")):
+        assert write_error_reason(exc) is None, exc
+
+
 def test_an_export_that_cannot_be_written_is_one_line_and_the_resume_exports(
         tmp_path, demo_shards, tiny_pipeline_dir, monkeypatch, capsys):
     """The disk fills after the last step: the final checkpoint is complete, the export fails with exit code 5 and

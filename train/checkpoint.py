@@ -176,15 +176,23 @@ class CheckpointWriteError(OSError):
     resume would use. Every rank raises it together (they agree on the failure first), so none waits on another."""
 
 
+# torch's zip writer (torch.save, DeepSpeed's checkpoint engine) on a full disk or a file-size limit
+_TORCH_WRITE_ERROR = re.compile(r"inline_container|PytorchStreamWriter|write failed|I/O error|No space|quota", re.I)
+
+
 def write_error_reason(exc: BaseException) -> str | None:
     """The one-line reason of an error raised while writing files, or None when `exc` is not a write error.
 
-    A full disk does not always surface as OSError: torch.save raises RuntimeError from its zip writer and
-    safetensors raises SafetensorError, each with an I/O message. Out-of-memory is never a write error."""
+    A full disk does not always surface as OSError: torch.save raises RuntimeError from its zip writer
+    ("[enforce fail at inline_container.cc:...] . unexpected pos ...", or "... file write failed") and safetensors
+    raises SafetensorError with an I/O message. Another RuntimeError (a CUDA or NCCL error while the state is
+    gathered) and out-of-memory are not write errors: they keep their traceback."""
     import torch
     from safetensors import SafetensorError
 
     if isinstance(exc, torch.OutOfMemoryError) or not isinstance(exc, (OSError, RuntimeError, SafetensorError)):
+        return None
+    if isinstance(exc, RuntimeError) and not _TORCH_WRITE_ERROR.search(str(exc)):
         return None
     if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
         return str(exc.args[0][0][-1])  # copytree's list of (source, destination, why): the first why
