@@ -97,5 +97,5 @@ bench-train: $(STAMP)  ## training-step img/s, MFU, peak memory (JSON; tiny shap
 plan-memory: $(STAMP)  ## one GPU's peak training memory, estimated on the CPU; ARGS="+experiment=koala_1b train.micro_batch_size=16"
 	$(PY) scripts/estimate_memory.py $(or $(ARGS),+experiment=koala_1b)
 
-clean:
-	rm -rf runs outputs .pytest_cache .ruff_cache
+clean:  ## the demo's files and tool caches; training runs (runs/<experiment>), evals and benchmark results stay
+	rm -rf runs/demo outputs/tiny_sdxl outputs/demo_data .pytest_cache .ruff_cache
