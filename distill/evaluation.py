@@ -52,6 +52,9 @@ class EvalConfig:
 
     student: str = ""  # exported pipeline folder or checkpoint folder
     teacher: str | None = None  # None: student only; a pipeline folder; "auto": the checkpoint's meta teacher
+    # with a teacher folder: a single-file U-Net replacing the folder's own (an SDXL-Lightning teacher); auto reads it
+    # from the checkpoint
+    teacher_unet_file: str | None = None
     prompts: str = "smoke"  # "smoke", "eval" (shipped sets) or a text file, one prompt per line
     max_prompts: int | None = None  # keep the first N prompts
     seed: int = 0  # image i uses seed + i, for the student and the teacher alike
@@ -92,6 +95,9 @@ class EvalConfig:
                                 f"{', '.join(TIMESTEP_SPACINGS)}")
         if self.grid_max < 1:
             raise SettingsError(f"grid_max must be at least 1, not {self.grid_max}")
+        if self.teacher_unet_file and self.teacher in (None, "", "auto"):
+            raise SettingsError(f"teacher_unet_file={self.teacher_unet_file} needs teacher=<pipeline folder> ("
+                                "teacher=auto takes the checkpoint's own U-Net file)")
 
 
 def _teacher_problem(folder: Path, unet_file: str | None) -> str | None:
@@ -101,6 +107,8 @@ def _teacher_problem(folder: Path, unet_file: str | None) -> str | None:
 
     if not folder.is_dir():
         return f"{folder} is not a folder (a teacher pipeline folder, or auto for a checkpoint's own)"
+    if unet_file is not None and not Path(unet_file).is_file():
+        return f"its U-Net file {unet_file} does not exist (teacher_unet_file, or the checkpoint's teacher.unet_file)"
     problem = pipeline_folder_problem(folder, unet_weights=unet_file is None)
     return f"{folder} {problem}" if problem else None
 
@@ -188,7 +196,8 @@ def run_eval(cfg: EvalConfig, scorers: Sequence[ImageTextScorer] = (), notes: Se
         logging.getLogger(__name__).warning(clip_problem)
 
     student = load_source(cfg.student, family=cfg.family, use_ema=cfg.use_ema, device=device, dtype=dtype)
-    teacher_src = teacher_source_for(student, cfg.teacher)  # a wrong teacher is said now, not after sampling
+    # a wrong teacher is said now, not after sampling
+    teacher_src = teacher_source_for(student, cfg.teacher, cfg.teacher_unet_file)
     if teacher_src is not None and (problem := _teacher_problem(*teacher_src)):
         raise SourceError(f"teacher={cfg.teacher}: {problem}")
     settings = resolve_settings(student.defaults, steps=cfg.steps, guidance_scale=cfg.guidance_scale,

@@ -335,15 +335,17 @@ def load_unet_file(unet: UNet2DConditionModel, unet_file: str | Path) -> None:
     unet.load_state_dict(read_unet_file(unet_file, config, unet.device), strict=True)
 
 
-def teacher_source_for(student: LoadedSource, teacher: str | Path | None) -> tuple[Path, str | None] | None:
-    """Where the teacher of a student comes from: an explicit folder, or "auto" = the checkpoint's meta.json.
+def teacher_source_for(student: LoadedSource, teacher: str | Path | None,
+                       unet_file: str | None = None) -> tuple[Path, str | None] | None:
+    """Where the teacher of a student comes from: an explicit folder (with `unet_file`, a single-file U-Net that
+    replaces the folder's own, as for SDXL-Lightning), or "auto" = the checkpoint's meta.json (folder and file).
 
     Returns (pipeline folder, optional U-Net file) or None when no teacher was requested.
     """
     if teacher is None or teacher == "":
         return None
     if str(teacher) != "auto":
-        return Path(teacher), None
+        return Path(teacher), unet_file or None
     if student.kind != "checkpoint":
         raise SourceError("teacher=auto needs a checkpoint student (its meta.json names the teacher)")
     meta = read_checkpoint_meta(student.path)

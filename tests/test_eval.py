@@ -108,6 +108,32 @@ def test_the_teacher_samples_with_the_students_prediction_type(ckpt, tmp_path):
     assert report["student"]["prediction_type"] == report["teacher"]["prediction_type"] == "sample"
 
 
+def test_an_explicit_teacher_folder_takes_a_unet_file(tiny_dir, tmp_path):
+    """teacher=<folder> with teacher_unet_file (SDXL-Lightning's U-Net file over the SDXL-Base folder) runs that
+    U-Net: against the folder's own U-Net as the student, the two no longer agree. A missing file is one error
+    before any image is sampled; the key without a teacher folder is a settings error."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from distill.sampling import SourceError
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir / "unet")
+    torch.manual_seed(0)
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in unet.state_dict().items()}
+    unet_file = tmp_path / "lightning_like_unet.safetensors"
+    save_file(state, str(unet_file))
+    common = dict(student=str(tiny_dir), teacher=str(tiny_dir), max_prompts=1, steps=2, height=32, width=32,
+                  batch_size=1, warmup_batches=0, device="cpu")
+    report = run_eval(EvalConfig(**common, teacher_unet_file=str(unet_file), out_dir=str(tmp_path / "e")))
+    assert report["teacher"]["unet"] == str(unet_file) and report["agreement"]["latent_mse"] > 0
+    with pytest.raises(SourceError, match="nosuch.safetensors does not exist"):
+        run_eval(EvalConfig(**common, teacher_unet_file=str(tmp_path / "nosuch.safetensors"),
+                            out_dir=str(tmp_path / "missing")))
+    assert not (tmp_path / "missing" / "student").exists()
+    with pytest.raises(SettingsError, match="needs teacher=<pipeline folder>"):
+        EvalConfig(student=str(tiny_dir), teacher_unet_file=str(unet_file))
+
+
 def test_psnr_ssim_match_skimage():
     metrics = pytest.importorskip("skimage.metrics")
     g = torch.Generator().manual_seed(0)
