@@ -120,14 +120,19 @@ def _inputs(cfg: Any, batch: int) -> Any:
                       pooled=torch.empty(batch, shape["pooled_dim"]), time_ids=torch.empty(batch, N_TIME_IDS))
 
 
-def estimate_memory(cfg: Any, *, world_size: int = 1, optimizer_steps: int = 2) -> dict[str, Any]:
+def estimate_memory(cfg: Any, *, world_size: int = 1, optimizer_steps: int = 2,
+                    cut_first_step: bool = True) -> dict[str, Any]:
     """Estimated peak memory of one GPU of `cfg`'s run (a composed config; paths need not exist), in GiB, with its
     parts.
 
     Keys: peak_gib (the eager step as tracked), plan_gib (peak x CALIBRATION: what to budget), peak_phase
     (inputs | teacher forward | student forward | backward | optimizer), teacher/student weights, gradients,
     optimizer state, EMA copy, activations (with temporaries: the peak minus all of those), micro-batch and
-    accumulation, and `not_modelled` (the switches of this config that the estimate ignores)."""
+    accumulation, `not_modelled` (the switches of this config that the estimate ignores) and peak_bytes (the peak
+    unrounded).
+
+    cut_first_step=False plays the first optimizer step in full as well (slower; the tests check that it gives the
+    same estimate)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from distill.features import match_features
@@ -165,7 +170,8 @@ def estimate_memory(cfg: Any, *, world_size: int = 1, optimizer_steps: int = 2) 
         handles = [teacher.register_forward_pre_hook(phase("teacher forward")),
                    student.register_forward_pre_hook(phase("student forward"))]
         tracker.track([*teacher.parameters(), *teacher.buffers(), *student.parameters(), *student.buffers()])
-        if optimizer_steps > 1:  # the first step, cut short (module docstring): the state it leaves is live from now
+        cut = cut_first_step and optimizer_steps > 1
+        if cut:  # the first step, cut short (module docstring): the state it leaves is live from now on
             for param in student.parameters():
                 if param.requires_grad:
                     param.grad = torch.zeros_like(param)
@@ -174,7 +180,7 @@ def estimate_memory(cfg: Any, *, world_size: int = 1, optimizer_steps: int = 2) 
             tracker.track(t for st in optimizer.state.values() for t in st.values())
         generator = torch.Generator().manual_seed(0)
         with tracker:
-            for _ in range(max(1, optimizer_steps - 1)):
+            for _ in range(optimizer_steps - 1 if cut else max(1, optimizer_steps)):
                 for _ in range(micro_batches):
                     tracker.phase = "inputs"
                     inputs = _inputs(cfg, tr.micro_batch_size)
@@ -205,7 +211,8 @@ def estimate_memory(cfg: Any, *, world_size: int = 1, optimizer_steps: int = 2) 
     if cfg.data.kind != "latents":
         not_modelled.append("data.kind=raw: the VAE and both text encoders (0.9 B parameters in SDXL)")
     return {
-        "peak_gib": _gib(peak), "plan_gib": _gib(peak * CALIBRATION), "calibration": CALIBRATION,
+        "peak_gib": _gib(peak), "peak_bytes": int(peak), "plan_gib": _gib(peak * CALIBRATION),
+        "calibration": CALIBRATION,
         "peak_phase": tracker.peak_phase, "micro_batch": tr.micro_batch_size, "accum": accum,
         "teacher_weights_gib": _gib(teacher_bytes), "student_weights_gib": _gib(student_bytes),
         "gradients_gib": _gib(grad_bytes), "optimizer_state_gib": _gib(state_bytes), "ema_gib": _gib(ema_bytes),
