@@ -467,7 +467,11 @@ def prep_shards(src: str, out: str, fmt: str | None = None, opts: PrepOptions | 
         records = img2dataset_records(src, skips)
     else:
         raise ValueError(f"unknown source format {fmt!r}: folder, manifest or img2dataset")
-    return write_shards(records, out, opts, skips, source=source_identity(src, fmt))
+    summary = write_shards(records, out, opts, skips, source=source_identity(src, fmt))
+    if summary["written"] == 0 and summary["skipped"] == 0:
+        raise ValueError(f"--src {src} holds no {'images' if fmt == 'folder' else 'samples'}"
+                         + (f" (looked for {', '.join(READABLE_EXTENSIONS)})" if fmt == "folder" else ""))
+    return summary
 
 
 def source_identity(src: str, fmt: str) -> dict[str, Any]:

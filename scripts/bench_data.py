@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def entry(argv: list[str] | None = None) -> int:
     """main() with one-line errors for bad paths and arguments (exit code 2)."""
-    return cli(main, argv, errors=(FileNotFoundError, ValueError))
+    from data.stream import NoUsableSamples
+
+    return cli(main, argv, errors=(FileNotFoundError, ValueError, NoUsableSamples))
 
 
 if __name__ == "__main__":

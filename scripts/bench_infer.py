@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
+from distill.files import out_folder_problem
 from distill.inference_bench import MODELS, BenchConfig, SpeedOptions, markdown_table, run_bench
-from scripts import write_results
+from distill.sampling import SettingsError, pick_device
+from scripts import cli, write_results
+from train.config import vae_folder_problem
+
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 # --fast: the switches meant to reach a 10-step 1024 px KOALA-700M image in <= 0.15 s on an H100/H200.
 FAST = dict(dtype="fp16", channels_last=True, fuse_qkv=True, compile="full", compile_mode="max-autotune",
@@ -76,6 +82,20 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
                  inductor_tuning=a.inductor_tuning, sdpa=a.sdpa, compile_vae=not a.no_compile_vae)
     if a.fast:
         speed.update(FAST, dtype=speed["dtype"])  # fp16 on a GPU unless --dtype says otherwise; fp32 on the CPU
+    if any("=" not in item for item in a.unet):
+        p.error(f"--unet {next(i for i in a.unet if '=' not in i)}: give MODEL=DIR, e.g. --unet koala_700m=/models/k7")
+    if a.image_model != "none" and a.image_model not in MODELS:
+        p.error(f"--image-model {a.image_model}: one of {', '.join(MODELS)} or none")
+    if a.compile_mode not in COMPILE_MODES:
+        p.error(f"--compile-mode {a.compile_mode}: one of {', '.join(COMPILE_MODES)}")
+    if a.compile_backend not in ("inductor", "eager", "aot_eager"):
+        p.error(f"--compile-backend {a.compile_backend}: inductor, eager or aot_eager")
+    if problem := out_folder_problem("--out", a.out):
+        p.error(problem)
+    try:
+        pick_device(a.device)
+    except SettingsError as exc:
+        p.error(f"--device: {exc}")
     unet_paths = dict(item.split("=", 1) for item in a.unet)
     bad = sorted(set(unet_paths) - set(MODELS))
     if bad:
@@ -83,6 +103,10 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
     for flag, path in [*((f"--unet {m}=", d) for m, d in unet_paths.items()), ("--vae ", a.vae)]:
         if path is not None and not Path(path).is_dir():
             p.error(f"{flag}{path} is not a local folder (nothing is downloaded)")
+    if a.vae is not None:
+        vae_folder = Path(a.vae) / "vae" if (Path(a.vae) / "vae").is_dir() else Path(a.vae)
+        if problem := vae_folder_problem(vae_folder):
+            p.error(f"--vae {a.vae} {problem}")
     return BenchConfig(
         models=a.models, resolution=a.resolution or (64 if tiny else 1024),
         steps=a.steps or ([2] if tiny else [25, 10]), warmup=a.warmup if a.warmup is not None else (1 if tiny else 2),
@@ -109,4 +133,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]
         p.error(f"--fit {a.fit}: the budget is a GPU's memory in GiB, more than 0")
     if a.world_size < 1:
         p.error(f"--world-size {a.world_size}: at least 1 process")
+    if a.anchor and not Path(a.anchor).is_file():
+        p.error(f"--anchor {a.anchor} is not a file (../shared/bench/anchor_unets.py)")
     if a.anchor:
         out: Any = anchor_estimates(a.anchor)
         for rec in out:

@@ -30,6 +30,9 @@ HPS_HINT = ("set eval.hpsv2_checkpoint=/path/HPS_v2.1_compressed.pt (from the HP
 
 def load_config(argv: list[str], path: Path = DEFAULT_CONFIG) -> EvalConfig:
     """The YAML defaults merged with key=value overrides, checked against EvalConfig (unknown keys fail)."""
+    for arg in argv:
+        if "=" not in arg:
+            raise SettingsError(f"{arg!r} has no '=': settings are key=value, e.g. student=runs/x/export")
     overrides = OmegaConf.from_dotlist([a.removeprefix("eval.") for a in argv])
     merged = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.load(path), overrides)
     return EvalConfig(**OmegaConf.to_container(merged))  # type: ignore[arg-type]

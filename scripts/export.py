@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from distill.teachers import TeacherError  # noqa: E402
 from train.checkpoint import export_failed, write_error_reason  # noqa: E402
 from train.export import ExportError, export_checkpoint  # noqa: E402
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = export_checkpoint(args.checkpoint, args.out, weights=args.weights, teacher_path=args.teacher_path,
                                     dtype=args.dtype, vae_path=args.vae_path)
-    except ExportError as exc:
+    except (ExportError, TeacherError) as exc:  # TeacherError: the run's saved teacher settings do not load
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

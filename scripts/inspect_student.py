@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.config import ConfigError, config_help, load_config  # noqa: E402
+from train.config import ConfigError, check_choices, config_help, load_config  # noqa: E402
 
 
 def inspect(overrides: list[str]) -> dict:
@@ -31,6 +31,7 @@ def inspect(overrides: list[str]) -> dict:
     from distill.teachers import TeacherError, teacher_unet_config
 
     cfg = load_config(overrides)
+    check_choices(cfg)
     s = cfg.student
     try:
         spec = resolve_spec(s.name, s.layers_per_block, s.transformer_layers_per_block, s.mid_block)

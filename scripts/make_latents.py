@@ -45,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--pipeline {args.pipeline} is not a folder (a diffusers SDXL pipeline: vae/, text encoders)")
     if problem := pipeline_folder_problem(args.pipeline, unet=False, index=False, scheduler=False):
         parser.error(f"--pipeline {args.pipeline} {problem}")
+    if args.device is not None:
+        from distill.sampling import SettingsError, pick_device
+
+        try:
+            pick_device(args.device)
+        except SettingsError as exc:
+            parser.error(f"--device: {exc}")
     resolution = args.resolution or native_resolution(args.pipeline)
     if resolution is None:
         parser.error(f"--resolution: {args.pipeline} has no unet/ and vae/ configs to take it from; give it")

@@ -28,6 +28,8 @@ import pytest
     ("eval", ["student={tiny}", "steps=0"], "steps must be at least 1, not 0"),
     ("eval", ["student={tiny}", "height=30"], "height must be a positive multiple of 8 px"),
     ("bench_data", ["--shards", "{tmp}/nope"], "shards do not exist"),
+    ("eval", ["student", "{tiny}"], "'student' has no '=': settings are key=value"),  # named no key before
+    ("prep_data", ["--src", "{tmp}", "--out", "{tmp}/out"], "--src {tmp} holds no images"),  # exit 0 before
 ])
 def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tiny_pipeline_dir, capsys):
     module = importlib.import_module(f"scripts.{script}")
@@ -35,7 +37,7 @@ def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tin
     assert module.entry(args) == 2
     captured = capsys.readouterr()
     lines = [ln for ln in captured.err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], captured.err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle.format(tmp=tmp_path) in lines[0], captured.err
 
 
 @pytest.mark.parametrize("script, argv, needle", [
@@ -59,6 +61,16 @@ def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tin
     # /proc takes no new folders, even from root: the write itself fails, as on a read-only or full disk
     ("make_demo_data", ["--out", "/proc/koala_demo"], "--out /proc/koala_demo: cannot write there"),
     ("make_tiny_pipeline", ["--out", "/proc/koala_tiny"], "--out /proc/koala_tiny: cannot write there"),
+    # each was a traceback (bench_infer's --out only after the benchmark had run)
+    ("bench_infer", ["--unet", "koala_1b"], "--unet koala_1b: give MODEL=DIR"),
+    ("bench_infer", ["--device", "banana"], "device='banana' is not a device name"),
+    ("bench_infer", ["--image-model", "koala_2b"], "--image-model koala_2b: one of sdxl, koala_1b, koala_700m"),
+    ("bench_infer", ["--compile-mode", "bogus"], "--compile-mode bogus: one of default"),
+    ("bench_infer", ["--vae", "{tiny}/unet"], "holds a UNet2DConditionModel, not a VAE"),
+    ("bench_infer", ["--out", "{tiny}/model_index.json"], "model_index.json is a file: give a folder"),
+    ("estimate_memory", ["--anchor", "{tmp}/nope.py"], "--anchor {tmp}/nope.py is not a file"),
+    ("make_latents", ["--pipeline", "{tiny}", "--shards", "x", "--out", "{tmp}/o", "--device", "banana"],
+     "--device: device='banana' is not a device name"),
 ])
 def test_bad_arguments_stop_before_any_model_with_argparse_usage(script, argv, needle, tmp_path, tiny_pipeline_dir,
                                                                  capsys):

@@ -52,6 +52,13 @@ def test_lightning_sampler_settings():
     (["--max_steps", "5"], "--max_steps: unknown option; settings are key=value overrides"),  # was a lexer error
     (["train.max_steps", "5"], "'train.max_steps' has no '='"),
     (["hydra.run.dir=/x"], "hydra.* settings do not apply here"),  # was silently ignored
+    # a leading + added a misspelt key to the typed config, and the run went on without it
+    (["+train.max_stepz=3"], "train.max_stepz is not a config key"),
+    (["++train.max_stepz=3"], "did you mean train.max_steps?"),
+    (["+experimnt=demo"], "did you mean experiment?"),
+    (["+teacher.sampler.stepz=3"], "teacher.sampler.stepz is not a config key"),
+    # Hydra's lexer stops at an unquoted > or <: the message named neither the key nor the fix
+    (["data.score_filters=[aesthetic>5]"], "quote each filter, e.g. \"data.score_filters=['aesthetic>5']\""),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as info:
@@ -69,9 +76,9 @@ def _sdxl_layout(folder: Path, skip: tuple[str, ...] = ()) -> Path:
 
     weights = save({"w": torch.zeros(2)})  # a whole safetensors file (the check reads headers and sizes)
     files = {"model_index.json": "{}", "scheduler/scheduler_config.json": "{}",
-             "unet/config.json": json.dumps(sdxl_base_unet_config()),
+             "unet/config.json": json.dumps({"_class_name": "UNet2DConditionModel", **sdxl_base_unet_config()}),
              "unet/diffusion_pytorch_model.safetensors": weights,
-             "vae/config.json": "{}", "vae/diffusion_pytorch_model.safetensors": weights,
+             "vae/config.json": '{"_class_name": "AutoencoderKL"}', "vae/diffusion_pytorch_model.safetensors": weights,
              "text_encoder/config.json": "{}", "text_encoder/model.safetensors": weights,
              "text_encoder_2/config.json": "{}", "text_encoder_2/model.safetensors": weights,
              "tokenizer/vocab.json": "{}", "tokenizer_2/vocab.json": "{}"}
@@ -173,6 +180,21 @@ def test_a_damaged_teacher_folder_is_one_line(damage, needle, tmp_path):
     (["data.num_workers=-1"], "data.num_workers must be >= 0, got -1"),  # no longer filed under data.shards
     (["student=custom", "student.layers_per_block=[1,1,1]", "student.transformer_layers_per_block=[1,2,9]",
       "student.mid_block=true"], "transformer depth 9"),
+    # found after training (the export's scheduler) or in the end-of-run grid (steps=0 divided by zero) before
+    (["teacher.sampler.scheduler=ddim"], "teacher.sampler.scheduler='ddim' is not one of euler"),
+    (["teacher.sampler.steps=0"], "teacher.sampler.steps=0 must be at least 1"),
+    (["teacher.sampler.guidance_scale=nan"], "teacher.sampler.guidance_scale=nan must be 0 or more"),
+    (["teacher.sampler.timestep_spacing=weird"], "teacher.sampler.timestep_spacing='weird' is not one of"),
+    # the trailing grid reached timestep -1; these failed after the models loaded
+    (["teacher.timesteps=trailing", "teacher.trailing_steps=2000"], "the trailing grid would reach timesteps"),
+    (["distill.lf_stages=[DW-9]"], "distill.lf_stages: this student has no stage 'DW-9'"),
+    (["data.num_workers=1", "data.prefetch_factor=0"], "data.prefetch_factor=0 must be at least 1"),
+    (["data.max_aspect=0"], "data.max_aspect=0.0 must be a positive width/height ratio"),
+    (["data.min_side=-5"], "data.min_side=-5 must be 0 (no filter) or more"),
+    (["distill.w_task=0", "distill.w_out=0", "distill.w_feat=0"], "the loss would be 0"),
+    (["train.output_dir=''"], "train.output_dir is empty"),  # would have written into the current folder
+    (["+experiment=koala_1b", "teacher.path=SDXL", "teacher.vae_path=SDXL/unet"],
+     "holds a UNet2DConditionModel, not a VAE"),  # failed inside diffusers with a traceback
 ])
 def test_semantic_errors_before_any_model(override, needle, demo_shards, sdxl_layout):
     cfg = load_config([f"data.shards={demo_shards}", *(o.replace("SDXL", str(sdxl_layout)) for o in override)])
@@ -231,6 +253,28 @@ def test_a_launch_of_several_ranks_says_a_config_error_once(rank, lines, monkeyp
         monkeypatch.setenv("RANK", rank)
     assert entry.main(["train.max_stepz=3"]) == 2
     assert len([ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("config error:")]) == lines
+
+
+def test_launch_problems_are_one_line_before_any_model(monkeypatch, capsys, demo_shards, tmp_path):
+    """Found by train/main.py after the config checks and before setup: each was a traceback, the FP8 one after
+    the models had loaded."""
+    from train import loop
+    from train import main as entry
+
+    monkeypatch.setattr(loop, "setup", lambda cfg: pytest.fail("setup reached"))
+    base = ["+experiment=demo", f"data.shards={demo_shards}", f"train.output_dir={tmp_path / 'run'}"]
+    monkeypatch.setenv("WORLD_SIZE", "eight")
+    assert entry.main(base) == 2
+    monkeypatch.delenv("WORLD_SIZE")
+    if not torch.cuda.is_available():
+        assert entry.main([*base, "train.teacher_fp8=true"]) == 2
+    if Path("/proc/self").is_dir():  # os.access passes it for root; mkdir fails
+        assert entry.main([*base[:2], "train.output_dir=/proc/koala_distill_test/run"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert all(ln.startswith("config error: ") for ln in lines), lines
+    assert "WORLD_SIZE='eight'" in lines[0]
+    assert torch.cuda.is_available() or "train.teacher_fp8=true needs a CUDA GPU" in lines[1]
+    assert not Path("/proc/self").is_dir() or "cannot be created" in lines[-1]
 
 
 def test_unquoted_brace_pattern_says_how_to_quote_it():

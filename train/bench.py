@@ -162,6 +162,10 @@ def ensure_shards(cfg: Any, folder: str | None, samples: int) -> str:
                 f"{c}x{h}x{w}_d{shape['text_dim']}_p{shape['pooled_dim']}")
     num_shards = 4
     per_shard = max(2, math.ceil(samples / num_shards))
+    if root.exists() and not root.is_dir():
+        from train.config import ConfigError
+
+        raise ConfigError(f"--data {root} is a file: give a folder for the benchmark's synthetic shards")
     marker = root / "bench_shape.json"
     want = {**shape, "latents": list(shape["latents"]), "num_shards": num_shards, "per_shard": per_shard}
     if not (marker.is_file() and json.loads(marker.read_text()) == want):

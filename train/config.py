@@ -158,10 +158,38 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
         if braced and "mismatched input" in msg:
             key, _, value = braced[0].partition("=")
             msg += f" (in {braced[0]}: quote a brace pattern for Hydra, e.g. \"{key}='{value}'\" in the shell)"
+        compared = [o for o in overrides or [] if re.search(r"[<>]", o.partition("=")[2])]
+        if compared and not braced:
+            key, _, value = compared[0].partition("=")
+            items = ",".join(f"'{v}'" for v in value.strip("[]").split(","))
+            msg = (f"{compared[0]}: Hydra cannot parse an unquoted < or > ({msg}); quote each filter, e.g. "
+                   f"\"{key}=[{items}]\" in the shell")
         raise ConfigError(msg) from exc
     finally:
         GlobalHydra.instance().clear()
+    if unknown := _unknown_key(cfg, OmegaConf.structured(Config)):
+        raise ConfigError(unknown)
     return cfg
+
+
+def _unknown_key(node: DictConfig, schema: DictConfig, prefix: str = "") -> str | None:
+    """One line naming a key of `node` that the schema lacks, or None. Hydra's `+key=value` adds a key even to the
+    typed config, so `+train.max_stepz=3` or `+experimnt=demo` would otherwise pass unnoticed."""
+    import difflib
+
+    for key in node:
+        full = f"{prefix}{key}"
+        if key not in schema:
+            groups = [p.name for p in CONF_DIR.iterdir() if p.is_dir()] if not prefix else []
+            close = difflib.get_close_matches(str(key), [*map(str, schema), *groups], n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            return (f"{full} is not a config key (a leading + adds keys the schema lacks; set existing ones as "
+                    f"section.key=value, choose groups as group=option or +experiment=name){hint}")
+        child, child_schema = node[key], schema[key]
+        if OmegaConf.is_dict(child) and OmegaConf.is_dict(child_schema) and not OmegaConf.is_missing(schema, key):
+            if found := _unknown_key(child, child_schema, f"{full}."):
+                return found
+    return None
 
 
 def config_help(doc: str) -> str:
@@ -190,6 +218,8 @@ _CHOICES = {
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "train.sdpa_backend": ("auto", "flash", "efficient", "cudnn", "math"),
     "tracking.mode": ("auto", "online", "offline", "disabled"),
+    "teacher.sampler.scheduler": ("euler",),
+    "teacher.sampler.timestep_spacing": ("leading", "trailing", "linspace"),
 }
 
 
@@ -218,6 +248,12 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("teacher.resolution", lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8 px"),
     ("teacher.num_train_timesteps", lambda v: v >= 1, "at least 1"),
     ("teacher.trailing_steps", lambda v: 1 <= v, "at least 1"),
+    ("teacher.sampler.steps", lambda v: v >= 1, "at least 1 (the export's and previews' denoising steps)"),
+    ("teacher.sampler.guidance_scale", lambda v: v >= 0, "0 or more (0 or 1: no classifier-free guidance)"),
+    ("data.prefetch_factor", lambda v: v >= 1, "at least 1 (batches each loader worker keeps ready)"),
+    ("data.min_side", lambda v: v >= 0, "0 (no filter) or more, px"),
+    ("data.min_aspect", lambda v: v > 0, "a positive width/height ratio (or null: no filter)"),
+    ("data.max_aspect", lambda v: v > 0, "a positive width/height ratio (or null: no filter)"),
 )
 
 
@@ -270,17 +306,30 @@ def validate(cfg: DictConfig, world_size: int = 1, *, launch_known: bool = True)
         raise ConfigError(str(exc)) from exc
 
 
-def _validate(cfg: DictConfig, world_size: int, deepspeed: bool | None) -> None:
+def check_choices(cfg: DictConfig) -> None:
+    """ConfigError (one line) when a key with a fixed set of values holds another (teacher.name, ...)."""
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _validate(cfg: DictConfig, world_size: int, deepspeed: bool | None) -> None:
+    check_choices(cfg)
     for key, admits, what in _RANGES:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, float) and math.isinf(value):  # inf passes the comparisons (lr=inf made NaN weights)
             raise ConfigError(f"{key}={value} must be a finite number, {what}")
-        if value is not None and not admits(value):
+        if value is not None and (math.isnan(value) or not admits(value)):  # NaN fails no comparison either
             raise ConfigError(f"{key}={value} must be {what}")
+    t = cfg.teacher
+    if t.timesteps == "trailing" and t.trailing_steps > t.num_train_timesteps:
+        raise ConfigError(f"teacher.trailing_steps={t.trailing_steps} is more than teacher.num_train_timesteps="
+                          f"{t.num_train_timesteps}: the trailing grid would reach timesteps below 0")
+    d = cfg.distill
+    if d.w_task == 0 and d.w_out == 0 and d.w_feat == 0:
+        raise ConfigError("distill.w_task, w_out and w_feat are all 0: the loss would be 0 and the student would not "
+                          "learn (the paper weighs all three 1)")
     for ftype in cfg.distill.feature_types:
         if ftype not in ("sa", "ca", "ffn", "res"):
             raise ConfigError(f"distill.feature_types: {ftype!r} is not one of sa, ca, ffn, res")
@@ -326,6 +375,8 @@ def _validate(cfg: DictConfig, world_size: int, deepspeed: bool | None) -> None:
     if t.vae_path and not ((Path(t.vae_path) / "config.json").is_file() and has_weights(Path(t.vae_path))):
         raise ConfigError(f"teacher.vae_path={t.vae_path} is not a diffusers VAE folder: it needs config.json and "
                           "its weights (e.g. diffusion_pytorch_model.safetensors)")
+    if t.vae_path and (vae_problem := vae_folder_problem(t.vae_path)):
+        raise ConfigError(f"teacher.vae_path={t.vae_path} {vae_problem}")
     if t.vae_path and (damage := weights_problem(t.vae_path)):
         raise ConfigError(f"teacher.vae_path={t.vae_path} has a damaged weight file: {damage}")
     if t.path and not t.random_init:
@@ -602,10 +653,27 @@ def _absent(path: str) -> str:
     return "is a file, not a folder" if Path(path).exists() else "does not exist"
 
 
+def vae_folder_problem(folder: str | Path) -> str | None:
+    """None when `folder`'s config.json is an AutoencoderKL's (or cannot be read: the loader then says why), else
+    one line: a U-Net or text-encoder folder given as the VAE failed inside diffusers with a traceback."""
+    import json
+
+    try:
+        name = json.loads((Path(folder) / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if name is not None and name != "AutoencoderKL":
+        return f"holds a {name}, not a VAE (AutoencoderKL): give a VAE folder, e.g. <sdxl pipeline>/vae"
+    return None
+
+
 def _check_output_dir(output_dir: str) -> None:
     """train.output_dir must be a folder this process can create or write in (nothing is created here)."""
     import os
 
+    if not str(output_dir).strip():
+        raise ConfigError("train.output_dir is empty: name the run's folder (checkpoints, logs and the export go "
+                          "there), e.g. train.output_dir=runs/my_run")
     path = Path(output_dir).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
@@ -665,7 +733,8 @@ def _check_student(cfg: DictConfig) -> None:
     except StudentSpecError as exc:
         raise ConfigError(str(exc)) from exc
     stages = stage_names(student)
-    for stage in cfg.train.checkpointing_blocks:
-        if stage not in stages:
-            raise ConfigError(f"train.checkpointing_blocks: this student has no stage {stage!r} (it has "
-                              f"{', '.join(stages)})")
+    for key, names in (("train.checkpointing_blocks", cfg.train.checkpointing_blocks),
+                       ("distill.lf_stages", cfg.distill.lf_stages)):
+        for stage in names:
+            if stage not in stages:
+                raise ConfigError(f"{key}: this student has no stage {stage!r} (it has {', '.join(stages)})")

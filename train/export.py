@@ -113,6 +113,12 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, weights: str
         given = "--vae-path" if vae_path is not None else "the run's teacher.vae_path"
         raise ExportError(f"{given} {tcfg.vae_path} is not a VAE folder (config.json and weights): give the VAE "
                           "to copy with --vae-path (e.g. <teacher>/vae for the teacher's own)")
+    if tcfg.get("vae_path"):
+        from train.config import vae_folder_problem
+
+        if problem := vae_folder_problem(tcfg.vae_path):
+            given = "--vae-path" if vae_path is not None else "the run's teacher.vae_path"
+            raise ExportError(f"{given} {tcfg.vae_path} {problem}")
     hint = ("give the teacher's local diffusers folder with --teacher-path (its text encoders, tokenizers and VAE "
             "are copied)")
     if not teacher.is_dir():

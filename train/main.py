@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     check_only = "--check" in overrides
     overrides = [o for o in overrides if o != "--check"]
     first_rank = os.environ.get("RANK", "0") == "0"
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size_text = os.environ.get("WORLD_SIZE", "1")
+    if not world_size_text.isdigit() or int(world_size_text) < 1:
+        print(f"config error: WORLD_SIZE={world_size_text!r} in the environment is not a process count (a whole "
+              "number from 1; accelerate launch sets it)", file=sys.stderr)
+        return 2
+    world_size = int(world_size_text)
     # Before `accelerate launch` (make train, scripts/slurm_train.sh) whether the launch will use DeepSpeed is
     # not known here; the launched ranks check that against a resumed checkpoint.
     launched = any(k in os.environ for k in LAUNCHER_ENV)
@@ -71,6 +76,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     follow_launcher()
     import torch
+
+    if cfg.train.teacher_fp8:  # said before any model loads, not after minutes of loading
+        from distill.perf import fp8_refusal
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        if refusal := fp8_refusal(device):
+            if first_rank:
+                print(f"config error: {refusal} (set train.teacher_fp8=false)", file=sys.stderr)
+            return 2
+    try:
+        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a path the access check could not foresee (e.g. under /proc, a read-only mount)
+        if first_rank:
+            print(f"config error: train.output_dir={cfg.train.output_dir} cannot be created: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
     from data.stream import NoUsableSamples, one_line
     from distill.teachers import TeacherError
