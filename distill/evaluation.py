@@ -195,6 +195,9 @@ def run_eval(cfg: EvalConfig, scorers: Sequence[ImageTextScorer] = (), notes: Se
     if clip_problem and cfg.clip_model:  # said now, not after minutes of sampling
         logging.getLogger(__name__).warning(clip_problem)
 
+    if cfg.teacher not in (None, "", "auto") and (problem := _teacher_problem(Path(cfg.teacher),
+                                                                             cfg.teacher_unet_file)):
+        raise SourceError(f"teacher={cfg.teacher}: {problem}")  # before the student loads, too
     student = load_source(cfg.student, family=cfg.family, use_ema=cfg.use_ema, device=device, dtype=dtype)
     # a wrong teacher is said now, not after sampling
     teacher_src = teacher_source_for(student, cfg.teacher, cfg.teacher_unet_file)

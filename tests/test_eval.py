@@ -108,7 +108,7 @@ def test_the_teacher_samples_with_the_students_prediction_type(ckpt, tmp_path):
     assert report["student"]["prediction_type"] == report["teacher"]["prediction_type"] == "sample"
 
 
-def test_an_explicit_teacher_folder_takes_a_unet_file(tiny_dir, tmp_path):
+def test_an_explicit_teacher_folder_takes_a_unet_file(tiny_dir, tmp_path, monkeypatch):
     """teacher=<folder> with teacher_unet_file (SDXL-Lightning's U-Net file over the SDXL-Base folder) runs that
     U-Net: against the folder's own U-Net as the student, the two no longer agree. A missing file is one error
     before any image is sampled; the key without a teacher folder is a settings error."""
@@ -126,6 +126,9 @@ def test_an_explicit_teacher_folder_takes_a_unet_file(tiny_dir, tmp_path):
                   batch_size=1, warmup_batches=0, device="cpu")
     report = run_eval(EvalConfig(**common, teacher_unet_file=str(unet_file), out_dir=str(tmp_path / "e")))
     assert report["teacher"]["unet"] == str(unet_file) and report["agreement"]["latent_mse"] > 0
+    from distill import evaluation
+
+    monkeypatch.setattr(evaluation, "load_source", lambda *a, **k: pytest.fail("the student was loaded first"))
     with pytest.raises(SourceError, match="nosuch.safetensors does not exist"):
         run_eval(EvalConfig(**common, teacher_unet_file=str(tmp_path / "nosuch.safetensors"),
                             out_dir=str(tmp_path / "missing")))
