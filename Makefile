@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)  ## the whole suite (gpu tests skip without CUDA)
-	WANDB_MODE=offline $(PY) -m pytest -q
+	WANDB_MODE=offline $(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)  ## without the slow tests
 	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
