@@ -272,6 +272,12 @@ def check_record(record: SourceRecord, opts: PrepOptions) -> dict[str, Any] | tu
     return sample
 
 
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _check_star(args: tuple[SourceRecord, PrepOptions]) -> dict[str, Any] | tuple[str, str]:
     return check_record(*args)
 
@@ -404,7 +410,10 @@ def write_shards(
             break
     writer = _ShardWriter(out, opts.samples_per_shard, first_shard)
     jobs = ((record, opts) for record in records)
-    pool = multiprocessing.get_context("fork").Pool(opts.workers) if opts.workers > 1 else None
+    # Workers ignore Ctrl-C (it reaches the whole process group): one that died of it could take its task, or the
+    # result queue's lock, with it, and the pool would wait for them forever. The parent ends them instead.
+    pool = (multiprocessing.get_context("fork").Pool(opts.workers, initializer=_ignore_sigint)
+            if opts.workers > 1 else None)
     finished = False
     try:
         results = pool.imap(_check_star, jobs, chunksize=8) if pool else map(_check_star, jobs)
@@ -433,7 +442,10 @@ def write_shards(
     finally:
         writer.close(keep_partial=not finished)  # an interrupted shard stays .partial: a resume writes it again
         if pool is not None:
-            pool.close()
+            if not finished:  # an interrupt or an error: the tasks still queued are dropped, the workers ended
+                pool.terminate()
+            else:
+                pool.close()
             pool.join()
     reasons = checked + skips
     summary = {
@@ -458,6 +470,9 @@ def prep_shards(src: str, out: str, fmt: str | None = None, opts: PrepOptions | 
     if fmt == "img2dataset" and os.path.realpath(src) == os.path.realpath(out):
         raise ValueError(f"--out {out} is the source folder: its shards would be replaced (with --overwrite, deleted) "
                          "before they are read; write to another folder")
+    if fmt == "img2dataset" and os.path.realpath(out).startswith(os.path.realpath(src) + os.sep):
+        raise ValueError(f"--out {out} is inside the source folder {src}: its new shards would be read as source "
+                         "shards; write outside it")
     skips: Counter[str] = Counter()
     if fmt == "folder":
         records: Iterable[SourceRecord] = folder_records(src)
@@ -469,6 +484,7 @@ def prep_shards(src: str, out: str, fmt: str | None = None, opts: PrepOptions | 
         raise ValueError(f"unknown source format {fmt!r}: folder, manifest or img2dataset")
     summary = write_shards(records, out, opts, skips, source=source_identity(src, fmt))
     if summary["written"] == 0 and summary["skipped"] == 0:
+        os.remove(os.path.join(out, "stats.json"))  # nothing was read: the folder is left as empty as it was
         raise ValueError(f"--src {src} holds no {'images' if fmt == 'folder' else 'samples'}"
                          + (f" (looked for {', '.join(READABLE_EXTENSIONS)})" if fmt == "folder" else ""))
     return summary

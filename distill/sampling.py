@@ -489,15 +489,23 @@ def image_grid(images: Sequence[Image.Image], cols: int, pad: int = 2) -> Image.
 
 
 def clear_images(folder: str | Path) -> None:
-    """Remove what save_images writes (NNNN.png, grid.png, prompts.json) from `folder`, and the folder when that
-    leaves it empty; other files stay. A rerun with fewer prompts, or without a teacher, then leaves no image of the
+    """Remove an earlier save_images run from `folder`: the images its prompts.json lists, its grid.png and the
+    prompts.json itself, then the folder when that leaves it empty. Nothing else is touched (a folder without
+    prompts.json holds no earlier run). A rerun with fewer prompts, or without a teacher, then leaves no image of the
     earlier run beside the new ones."""
     folder = Path(folder)
-    if not folder.is_dir():
+    listing = folder / "prompts.json"
+    try:
+        records = json.loads(listing.read_text())
+    except (OSError, ValueError):
         return
-    for path in folder.iterdir():
-        if path.name in ("grid.png", "prompts.json") or re.fullmatch(r"\d{4,}\.png", path.name):
-            path.unlink()
+    names = [r.get("file") for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+    for name in [*names, "grid.png"]:
+        if isinstance(name, str) and re.fullmatch(r"\d{4,}\.png", name):
+            (folder / name).unlink(missing_ok=True)
+        elif name == "grid.png":
+            (folder / name).unlink(missing_ok=True)
+    listing.unlink()
     if not any(folder.iterdir()):
         folder.rmdir()
 

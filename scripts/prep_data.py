@@ -63,7 +63,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def entry(argv: list[str] | None = None) -> int:
     """main() with one-line errors for bad paths and arguments (exit code 2)."""
-    return cli(main, argv, errors=(FileNotFoundError, FileExistsError, NotADirectoryError, ValueError))
+    try:
+        return cli(main, argv, errors=(FileNotFoundError, FileExistsError, NotADirectoryError, ValueError))
+    except KeyboardInterrupt:
+        print("interrupted: the whole shards written so far are kept; run the same command again to resume (or "
+              "pass --overwrite to start again)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -29,12 +29,14 @@ import pytest
     ("eval", ["student={tiny}", "height=30"], "height must be a positive multiple of 8 px"),
     ("bench_data", ["--shards", "{tmp}/nope"], "shards do not exist"),
     ("eval", ["student", "{tiny}"], "'student' has no '=': settings are key=value"),  # named no key before
-    ("prep_data", ["--src", "{tmp}", "--out", "{tmp}/out"], "--src {tmp} holds no images"),  # exit 0 before
+    ("prep_data", ["--src", "{tmp}/src", "--out", "{tmp}/out"], "--src {tmp}/src holds no images"),  # exit 0 before
 ])
 def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tiny_pipeline_dir, capsys):
     module = importlib.import_module(f"scripts.{script}")
     args = [a.format(tmp=tmp_path, tiny=tiny_pipeline_dir) for a in argv]
+    (tmp_path / "src").mkdir()  # an empty folder
     assert module.entry(args) == 2
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written
     captured = capsys.readouterr()
     lines = [ln for ln in captured.err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle.format(tmp=tmp_path) in lines[0], captured.err

@@ -59,6 +59,8 @@ def test_lightning_sampler_settings():
     (["+teacher.sampler.stepz=3"], "teacher.sampler.stepz is not a config key"),
     # Hydra's lexer stops at an unquoted > or <: the message named neither the key nor the fix
     (["data.score_filters=[aesthetic>5]"], "quote each filter, e.g. \"data.score_filters=['aesthetic>5']\""),
+    # ... but a quoted filter beside another mistake leaves that mistake's own line
+    (["data.score_filters=['aesthetic>5']", "train.max_steps=abc"], "train.max_steps: Value 'abc'"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as info:
@@ -185,9 +187,11 @@ def test_a_damaged_teacher_folder_is_one_line(damage, needle, tmp_path):
     (["teacher.sampler.steps=0"], "teacher.sampler.steps=0 must be at least 1"),
     (["teacher.sampler.guidance_scale=nan"], "teacher.sampler.guidance_scale=nan must be 0 or more"),
     (["teacher.sampler.timestep_spacing=weird"], "teacher.sampler.timestep_spacing='weird' is not one of"),
-    # the trailing grid reached timestep -1; these failed after the models loaded
-    (["teacher.timesteps=trailing", "teacher.trailing_steps=2000"], "the trailing grid would reach timesteps"),
+    # the trailing grid reached timestep -1 (trained with exit 0); the next ones failed after the models loaded
+    (["teacher.timesteps=trailing", "teacher.trailing_steps=2000"], "the trailing grid has no more distinct timesteps"),
     (["distill.lf_stages=[DW-9]"], "distill.lf_stages: this student has no stage 'DW-9'"),
+    (["+experiment=koala_700m", "teacher.path=SDXL", "distill=bksdm"],  # KOALA-700M has no mid block
+     "no stage 'Mid' (it has DW-1, DW-2, DW-3, UP-1, UP-2, UP-3); name only those, e.g. distill.lf_stages=[DW-1,"),
     (["data.num_workers=1", "data.prefetch_factor=0"], "data.prefetch_factor=0 must be at least 1"),
     (["data.max_aspect=0"], "data.max_aspect=0.0 must be a positive width/height ratio"),
     (["data.min_side=-5"], "data.min_side=-5 must be 0 (no filter) or more"),

@@ -199,6 +199,10 @@ def test_img2dataset_output_is_resharded_and_filtered(tmp_path):
     with pytest.raises(ValueError, match="is the source folder"):
         prep_shards(str(src), str(src), opts=PrepOptions(overwrite=True))
     assert sorted(p.name for p in src.iterdir()) == before
+    # into a folder inside it: its new shards would be read back as source shards (and a resume never matched)
+    with pytest.raises(ValueError, match="is inside the source folder"):
+        prep_shards(str(src), str(src / "out"))
+    assert sorted(p.name for p in src.iterdir()) == before
 
 
 def test_demo_data_is_reproducible_and_loads(tmp_path, capsys):
@@ -327,3 +331,54 @@ def test_a_killed_prep_resumes_into_the_shards_an_uninterrupted_one_writes(tmp_p
         assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
     with pytest.raises(FileExistsError, match="already holds 3 shards"):  # finished: a rerun needs --overwrite
         prep_shards(str(src), str(out), opts=PrepOptions(**opts))
+
+
+def _interrupted_in_worker(record, opts):
+    """Ctrl-C at record 5, as a terminal sends it to the whole process group: to the parent and to this worker."""
+    import signal
+
+    from data.prep import check_record
+
+    if record.name == "5.png":
+        os.kill(os.getppid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # before the fix: KeyboardInterrupt here, and the worker died
+    return check_record(record, opts)
+
+
+def _interrupted_star(args):
+    return _interrupted_in_worker(*args)
+
+
+def test_ctrl_c_with_several_workers_ends_the_prep_and_it_resumes(tmp_path, monkeypatch):
+    """Ctrl-C reaches every worker too: a worker died holding its task, and the prep waited for it forever (a second
+    Ctrl-C needed). Workers now ignore it and the parent ends them: the prep stops at once, and the same command
+    resumes into the uninterrupted run's shards."""
+    import signal
+
+    from data import prep
+
+    src = tmp_path / "src"
+    for i in range(12):
+        _write(src / f"{i}.png", encode_image(_image(i), "png"))
+        _write(src / f"{i}.txt", f"caption {i}")
+    opts = dict(samples_per_shard=2, workers=2)
+    full = prep_shards(str(src), str(tmp_path / "full"), opts=PrepOptions(**opts))
+
+    def hung(signum, frame):
+        raise TimeoutError("the interrupted prep is still waiting for its workers")
+
+    monkeypatch.setattr(prep, "_check_star", _interrupted_star)
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prep_shards(str(src), str(tmp_path / "out"), opts=PrepOptions(**opts))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not (tmp_path / "out" / "stats.json").exists()
+    monkeypatch.undo()
+    resumed = prep_shards(str(src), str(tmp_path / "out"), opts=PrepOptions(**opts))
+    assert {k: v for k, v in resumed.items() if k != "out"} == {k: v for k, v in full.items() if k != "out"}
+    for name in sorted(p.name for p in (tmp_path / "full").glob("*.tar")):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name

@@ -90,10 +90,12 @@ def test_teacher_against_itself_agrees_exactly(tiny_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "teacher").iterdir()) == ["0000.png", "0001.png", "grid.png",
                                                                          "prompts.json"]
     (tmp_path / "teacher" / "my_notes.txt").write_text("kept")
+    (tmp_path / "student" / "2024.png").write_bytes(b"a photo of the user's, named like ours but not listed")
     run_eval(EvalConfig(student=str(tiny_dir), max_prompts=1, steps=1, height=32, width=32, batch_size=1,
                         warmup_batches=0, device="cpu", out_dir=str(tmp_path)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md", "student", "teacher"]
-    assert sorted(p.name for p in (tmp_path / "student").iterdir()) == ["0000.png", "grid.png", "prompts.json"]
+    assert sorted(p.name for p in (tmp_path / "student").iterdir()) == ["0000.png", "2024.png", "grid.png",
+                                                                         "prompts.json"]
     assert [p.name for p in (tmp_path / "teacher").iterdir()] == ["my_notes.txt"]
 
 

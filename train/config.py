@@ -129,6 +129,9 @@ def _one_line(exc: BaseException) -> str:
     return msg
 
 
+_QUOTED_PART = re.compile(r"'[^']*'|\"[^\"]*\"")  # a quoted piece of an override's value
+
+
 def _quoted(value: str) -> bool:
     return len(value) > 1 and value[0] == value[-1] and value[0] in "'\""
 
@@ -158,10 +161,11 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
         if braced and "mismatched input" in msg:
             key, _, value = braced[0].partition("=")
             msg += f" (in {braced[0]}: quote a brace pattern for Hydra, e.g. \"{key}='{value}'\" in the shell)"
-        compared = [o for o in overrides or [] if re.search(r"[<>]", o.partition("=")[2])]
-        if compared and not braced:
+        compared = [o for o in overrides or [] if re.search(r"[<>]", _QUOTED_PART.sub("", o.partition("=")[2]))]
+        lexer = any(w in msg for w in ("LexerNoViableAlt", "mismatched input", "token recognition error"))
+        if compared and not braced and lexer:
             key, _, value = compared[0].partition("=")
-            items = ",".join(f"'{v}'" for v in value.strip("[]").split(","))
+            items = ",".join(f"'{v.strip().strip(chr(39) + chr(34))}'" for v in value.strip("[]").split(","))
             msg = (f"{compared[0]}: Hydra cannot parse an unquoted < or > ({msg}); quote each filter, e.g. "
                    f"\"{key}=[{items}]\" in the shell")
         raise ConfigError(msg) from exc
@@ -250,7 +254,6 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("teacher.trailing_steps", lambda v: 1 <= v, "at least 1"),
     ("teacher.sampler.steps", lambda v: v >= 1, "at least 1 (the export's and previews' denoising steps)"),
     ("teacher.sampler.guidance_scale", lambda v: v >= 0, "0 or more (0 or 1: no classifier-free guidance)"),
-    ("data.prefetch_factor", lambda v: v >= 1, "at least 1 (batches each loader worker keeps ready)"),
     ("data.min_side", lambda v: v >= 0, "0 (no filter) or more, px"),
     ("data.min_aspect", lambda v: v > 0, "a positive width/height ratio (or null: no filter)"),
     ("data.max_aspect", lambda v: v > 0, "a positive width/height ratio (or null: no filter)"),
@@ -322,10 +325,13 @@ def _validate(cfg: DictConfig, world_size: int, deepspeed: bool | None) -> None:
             raise ConfigError(f"{key}={value} must be a finite number, {what}")
         if value is not None and (math.isnan(value) or not admits(value)):  # NaN fails no comparison either
             raise ConfigError(f"{key}={value} must be {what}")
+    if cfg.data.num_workers > 0 and cfg.data.prefetch_factor < 1:
+        raise ConfigError(f"data.prefetch_factor={cfg.data.prefetch_factor} must be at least 1 (batches each loader "
+                          "worker keeps ready) with data.num_workers > 0")
     t = cfg.teacher
     if t.timesteps == "trailing" and t.trailing_steps > t.num_train_timesteps:
         raise ConfigError(f"teacher.trailing_steps={t.trailing_steps} is more than teacher.num_train_timesteps="
-                          f"{t.num_train_timesteps}: the trailing grid would reach timesteps below 0")
+                          f"{t.num_train_timesteps}: the trailing grid has no more distinct timesteps than that")
     d = cfg.distill
     if d.w_task == 0 and d.w_out == 0 and d.w_feat == 0:
         raise ConfigError("distill.w_task, w_out and w_feat are all 0: the loss would be 0 and the student would not "
@@ -737,4 +743,6 @@ def _check_student(cfg: DictConfig) -> None:
                        ("distill.lf_stages", cfg.distill.lf_stages)):
         for stage in names:
             if stage not in stages:
-                raise ConfigError(f"{key}: this student has no stage {stage!r} (it has {', '.join(stages)})")
+                hint = (f"; name only those, e.g. distill.lf_stages=[{','.join(x for x in names if x in stages)}]"
+                        if key == "distill.lf_stages" else "")
+                raise ConfigError(f"{key}: this student has no stage {stage!r} (it has {', '.join(stages)}){hint}")
