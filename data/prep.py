@@ -294,7 +294,6 @@ class _ShardWriter:
         self.stream: wds.TarWriter | None = None
         self.path = ""
         self.count = 0
-        self.shards: list[str] = []  # the shards written by this call, final names
 
     def write(self, sample: dict[str, Any]) -> bool:
         """Write one sample; True when it filled its shard (which is then closed and renamed)."""
@@ -304,7 +303,6 @@ class _ShardWriter:
             # mtime=0 makes the tar bytes reproducible (same input, same shards).
             self.stream = wds.TarWriter(self.path + _PARTIAL, mtime=0)
             self.count = 0
-            self.shards.append(self.path)
         self.stream.write(sample)
         self.count += 1
         if self.count < self.samples_per_shard:
@@ -318,9 +316,7 @@ class _ShardWriter:
             return
         self.stream.close()
         self.stream = None
-        if keep_partial:
-            self.shards.pop()
-        else:
+        if not keep_partial:
             os.replace(self.path + _PARTIAL, self.path)
 
 

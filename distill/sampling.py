@@ -500,11 +500,10 @@ def clear_images(folder: str | Path) -> None:
     except (OSError, ValueError):
         return
     names = [r.get("file") for r in records if isinstance(r, dict)] if isinstance(records, list) else []
-    for name in [*names, "grid.png"]:
-        if isinstance(name, str) and re.fullmatch(r"\d{4,}\.png", name):
+    for name in names:
+        if isinstance(name, str) and re.fullmatch(r"\d{4,}\.png", name):  # never a path out of the folder
             (folder / name).unlink(missing_ok=True)
-        elif name == "grid.png":
-            (folder / name).unlink(missing_ok=True)
+    (folder / "grid.png").unlink(missing_ok=True)
     listing.unlink()
     if not any(folder.iterdir()):
         folder.rmdir()
