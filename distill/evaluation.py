@@ -195,14 +195,12 @@ def run_eval(cfg: EvalConfig, scorers: Sequence[ImageTextScorer] = (), notes: Se
     if clip_problem and cfg.clip_model:  # said now, not after minutes of sampling
         logging.getLogger(__name__).warning(clip_problem)
 
-    if cfg.teacher not in (None, "", "auto") and (problem := _teacher_problem(Path(cfg.teacher),
-                                                                             cfg.teacher_unet_file)):
-        raise SourceError(f"teacher={cfg.teacher}: {problem}")  # before the student loads, too
-    student = load_source(cfg.student, family=cfg.family, use_ema=cfg.use_ema, device=device, dtype=dtype)
-    # a wrong teacher is said now, not after sampling
-    teacher_src = teacher_source_for(student, cfg.teacher, cfg.teacher_unet_file)
+    # a wrong teacher is said before the student loads, not after sampling (a missing student: load_source says so)
+    teacher_src = teacher_source_for(cfg.student, cfg.teacher, cfg.teacher_unet_file) if Path(
+        cfg.student).is_dir() else None
     if teacher_src is not None and (problem := _teacher_problem(*teacher_src)):
         raise SourceError(f"teacher={cfg.teacher}: {problem}")
+    student = load_source(cfg.student, family=cfg.family, use_ema=cfg.use_ema, device=device, dtype=dtype)
     settings = resolve_settings(student.defaults, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                                 height=cfg.height, width=cfg.width, timestep_spacing=cfg.timestep_spacing)
     gen_s = generate(student.pipe, prompts, settings, seed=cfg.seed, batch_size=cfg.batch_size,

@@ -335,10 +335,11 @@ def load_unet_file(unet: UNet2DConditionModel, unet_file: str | Path) -> None:
     unet.load_state_dict(read_unet_file(unet_file, config, unet.device), strict=True)
 
 
-def teacher_source_for(student: LoadedSource, teacher: str | Path | None,
+def teacher_source_for(student: str | Path, teacher: str | Path | None,
                        unet_file: str | None = None) -> tuple[Path, str | None] | None:
-    """Where the teacher of a student comes from: an explicit folder (with `unet_file`, a single-file U-Net that
-    replaces the folder's own, as for SDXL-Lightning), or "auto" = the checkpoint's meta.json (folder and file).
+    """Where the teacher of the student at `student` (a checkpoint or pipeline folder) comes from: an explicit folder
+    (with `unet_file`, a single-file U-Net that replaces the folder's own, as for SDXL-Lightning), or "auto" = the
+    checkpoint's meta.json (folder and file). Read from files alone, before any model loads.
 
     Returns (pipeline folder, optional U-Net file) or None when no teacher was requested.
     """
@@ -346,9 +347,9 @@ def teacher_source_for(student: LoadedSource, teacher: str | Path | None,
         return None
     if str(teacher) != "auto":
         return Path(teacher), unet_file or None
-    if student.kind != "checkpoint":
+    if not is_checkpoint(student):
         raise SourceError("teacher=auto needs a checkpoint student (its meta.json names the teacher)")
-    meta = read_checkpoint_meta(student.path)
+    meta = read_checkpoint_meta(student)
     return Path(meta["teacher_path"]), checkpoint_teacher_unet_file(meta)
 
 

@@ -113,7 +113,8 @@ def test_the_teacher_samples_with_the_students_prediction_type(ckpt, tmp_path):
 def test_an_explicit_teacher_folder_takes_a_unet_file(tiny_dir, tmp_path, monkeypatch):
     """teacher=<folder> with teacher_unet_file (SDXL-Lightning's U-Net file over the SDXL-Base folder) runs that
     U-Net: against the folder's own U-Net as the student, the two no longer agree. A missing file is one error
-    before any image is sampled; the key without a teacher folder is a settings error."""
+    before the student loads, as is teacher=auto for a student that is not a checkpoint; the key without a teacher
+    folder is a settings error."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
@@ -135,6 +136,8 @@ def test_an_explicit_teacher_folder_takes_a_unet_file(tiny_dir, tmp_path, monkey
         run_eval(EvalConfig(**common, teacher_unet_file=str(tmp_path / "nosuch.safetensors"),
                             out_dir=str(tmp_path / "missing")))
     assert not (tmp_path / "missing" / "student").exists()
+    with pytest.raises(SourceError, match="teacher=auto needs a checkpoint student"):  # also before it loads
+        run_eval(EvalConfig(**{**common, "teacher": "auto"}, out_dir=str(tmp_path / "auto")))
     with pytest.raises(SettingsError, match="needs teacher=<pipeline folder>"):
         EvalConfig(student=str(tiny_dir), teacher_unet_file=str(unet_file))
 
