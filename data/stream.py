@@ -94,6 +94,9 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
     for source in (s.strip() for s in sources):
         if not source:
             continue
+        if source.startswith("pipe:") and not source.removeprefix("pipe:").strip():
+            raise ValueError(f"{source!r} is a pipe: source without a command; give one that writes a shard to "
+                             "stdout, e.g. 'pipe:curl -s https://host/{000..099}.tar'")
         if source.startswith("pipe:") or "://" in source:
             urls.extend(braceexpand.braceexpand(source))
         elif os.path.isdir(source):

@@ -180,6 +180,7 @@ def test_a_damaged_teacher_folder_is_one_line(damage, needle, tmp_path):
     (["data.shards='/nonexistent/{0..3}.tar'"], "data.shards"),
     (["data.resampled=false", "data.num_workers=8"], "re-shard"),
     (["data.num_workers=-1"], "data.num_workers must be >= 0, got -1"),  # no longer filed under data.shards
+    (["data.shards=pipe:"], "'pipe:' is a pipe: source without a command"),  # ten tar errors, then a late error
     (["student=custom", "student.layers_per_block=[1,1,1]", "student.transformer_layers_per_block=[1,2,9]",
       "student.mid_block=true"], "transformer depth 9"),
     # found after training (the export's scheduler) or in the end-of-run grid (steps=0 divided by zero) before
