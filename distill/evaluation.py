@@ -24,6 +24,7 @@ from PIL import Image
 from distill.metrics import ClipScorer, ImageTextScorer, latent_mse, psnr, ssim
 from distill.sampling import (
     DTYPES,
+    SAMPLER_DEFAULTS,
     TIMESTEP_SPACINGS,
     Generation,
     LoadedSource,
@@ -95,6 +96,8 @@ class EvalConfig:
                                 f"{', '.join(TIMESTEP_SPACINGS)}")
         if self.grid_max < 1:
             raise SettingsError(f"grid_max must be at least 1, not {self.grid_max}")
+        if self.family is not None and self.family not in SAMPLER_DEFAULTS:  # said before any model loads
+            raise SettingsError(f"family={self.family} is not one of {', '.join(SAMPLER_DEFAULTS)}")
         if self.teacher_unet_file and self.teacher in (None, "", "auto"):
             raise SettingsError(f"teacher_unet_file={self.teacher_unet_file} needs teacher=<pipeline folder> ("
                                 "teacher=auto takes the checkpoint's own U-Net file)")

@@ -29,6 +29,7 @@ import pytest
     ("eval", ["student={tiny}", "height=30"], "height must be a positive multiple of 8 px"),
     ("bench_data", ["--shards", "{tmp}/nope"], "shards do not exist"),
     ("eval", ["student", "{tiny}"], "'student' has no '=': settings are key=value"),  # named no key before
+    ("eval", ["student={tiny}", "family=sdxl"], "family=sdxl is not one of sdxl_base"),  # after the student loaded
     ("prep_data", ["--src", "{tmp}/src", "--out", "{tmp}/out"], "--src {tmp}/src holds no images"),  # exit 0 before
 ])
 def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tiny_pipeline_dir, capsys):
