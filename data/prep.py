@@ -27,6 +27,7 @@ import webdataset as wds
 from tqdm.auto import tqdm
 
 from data.captions import SkipSample, decode_json, decode_text, first_field
+from data.config import DataConfig
 from data.images import IMAGE_EXTENSIONS, open_image, oriented_size, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ _PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
 IMAGE_COLUMNS = ("image_path", "path", "filepath", "file_path", "local_path", "file", "filename", "image")
 # Fields that count as a caption when checking that a sample has one (any of them, or the txt sidecar).
 CAPTION_FIELDS = ["cogvlm_caption", "llava_caption", "caption", "alt_txt", "alt_text", "text", "txt"]
+# Where training looks for a caption by default (data.caption_fields); prep's report counts kept samples without one.
+_TRAINING_CAPTION_FIELDS = DataConfig().caption_fields
 # Reasons listed with up to this many example names in the report.
 _EXAMPLES_PER_REASON = 5
 # No pixel limit: PIL's decompression-bomb guard (about 179 MP) still applies and counts as too_many_pixels.
@@ -393,6 +396,8 @@ def write_shards(
     progress = _prepare_out(out, opts.overwrite, made_with)
     skips = skips if skips is not None else Counter()
     checked: Counter[str] = Counter(progress["reasons"] if progress else {})  # skips found by check_record
+    # kept samples that training's default data.caption_fields find no caption in (an alt text alone, say)
+    uncaptioned = progress.get("without_default_caption", 0) if progress else 0
     examples: dict[str, list[str]] = progress["examples"] if progress else {}
     consumed = progress["consumed"] if progress else 0  # records read (kept or skipped) up to the last whole shard
     written = progress["written"] if progress else 0
@@ -425,10 +430,12 @@ def write_shards(
                 if len(names) < _EXAMPLES_PER_REASON:
                     names.append(name)
                 continue
+            uncaptioned += not _has_training_caption(result)
             if writer.write({"__key__": f"{opts.key_prefix}{written:09d}", **result}):
                 _write_json(os.path.join(out, PROGRESS_FILE), {
                     "made_with": made_with, "consumed": consumed, "written": written + 1,
-                    "shards": writer.next_index, "reasons": dict(checked), "examples": examples})
+                    "shards": writer.next_index, "reasons": dict(checked), "examples": examples,
+                    "without_default_caption": uncaptioned})
                 rate = (consumed - consumed_at_start) / max(time.monotonic() - started, 1e-9)
                 logger.info("%s whole: %d samples kept, %d skipped, %.1f records/s", os.path.basename(writer.path),
                             written + 1, sum(checked.values()) + sum(skips.values()), rate)
@@ -451,6 +458,7 @@ def write_shards(
         "out": os.path.abspath(out),
         "reasons": dict(sorted(reasons.items())),
         "examples": examples,
+        "without_default_caption": uncaptioned,
     }
     with open(os.path.join(out, "stats.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -510,11 +518,22 @@ def source_identity(src: str, fmt: str) -> dict[str, Any]:
     return identity
 
 
+def _has_training_caption(sample: dict[str, Any]) -> bool:
+    """Whether training's default data.caption_fields find a caption in a kept sample (json fields or txt)."""
+    txt = sample["txt"].decode("utf-8") if "txt" in sample else None
+    return first_field(json.loads(sample["json"]), txt, _TRAINING_CAPTION_FIELDS) is not None
+
+
 def report_lines(summary: dict[str, Any]) -> list[str]:
-    """Human-readable skip reasons, then the final JSON line {written, skipped, shards, out, reasons}."""
+    """Human-readable skip reasons and notes, then the final JSON line {written, skipped, shards, out, reasons}."""
     lines = [
         f"skipped {count} {reason}: e.g. {', '.join(summary['examples'].get(reason, []))}"
         for reason, count in summary["reasons"].items()
     ]
+    if uncaptioned := summary.get("without_default_caption", 0):
+        lines.append(f"note: {uncaptioned} of the {summary['written']} kept samples have no caption in training's "
+                     f"default data.caption_fields ({', '.join(_TRAINING_CAPTION_FIELDS)}), e.g. an alt text "
+                     "alone: training skips them as no_caption unless data.syncap=true or data.caption_fields names "
+                     "their field (e.g. [cogvlm_caption,alt_txt])")
     final = {k: summary[k] for k in ("written", "skipped", "shards", "out", "reasons")}
     return [*lines, json.dumps(final)]

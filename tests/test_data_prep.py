@@ -382,3 +382,22 @@ def test_ctrl_c_with_several_workers_ends_the_prep_and_it_resumes(tmp_path, monk
     assert {k: v for k, v in resumed.items() if k != "out"} == {k: v for k, v in full.items() if k != "out"}
     for name in sorted(p.name for p in (tmp_path / "full").glob("*.tar")):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+
+
+def test_the_report_counts_kept_samples_that_training_finds_no_caption_in(tmp_path, capsys):
+    """prep keeps a sample whose only caption is an alt text (any caption field will do); training's default
+    data.caption_fields skip it as no_caption. The report says how many there are and what to set."""
+    src = tmp_path / "src"
+    _write(src / "a.png", encode_image(_image(1), "png"))
+    _write(src / "a.json", json.dumps({"alt_txt": "an alt text only"}))
+    _write(src / "b.png", encode_image(_image(2), "png"))
+    _write(src / "b.json", json.dumps(LAION_POP))
+    _write(src / "c.png", encode_image(_image(3), "png"))
+    _write(src / "c.txt", "a txt sidecar")
+    assert prep_data.entry(["--src", str(src), "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert _last_json_line("\n".join(lines))["written"] == 3
+    (note,) = [ln for ln in lines if ln.startswith("note:")]
+    assert note.startswith("note: 1 of the 3 kept samples have no caption in training's default data.caption_fields")
+    assert "data.syncap=true" in note
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["without_default_caption"] == 1
