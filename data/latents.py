@@ -37,6 +37,7 @@ from data.config import DataConfig
 from data.decode import MANIFEST_FILE, Example, RawDecoder, read_manifest
 from data.stream import Batcher, collate, expand_shards
 from distill.conditioning import encode_images, encode_prompts
+from distill.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -271,9 +272,7 @@ def check_manifest(out: str, settings: dict[str, Any]) -> None:
         if len(new) <= len(old):
             return
         settings = {**recorded, "raw_shards": new}
-    tmp = path.with_name(f"{MANIFEST_FILE}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
 
 
 def _make_one(index, url, out, decoder, seed, batch_size, skips, models, storage) -> int:

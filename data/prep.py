@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from data.captions import SkipSample, decode_json, decode_text, first_field
 from data.config import DataConfig
 from data.images import IMAGE_EXTENSIONS, open_image, oriented_size, to_rgb
+from distill.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -328,13 +329,6 @@ PROGRESS_FILE = "prep_progress.json"  # an unfinished prep's state after its las
 _PROGRESS_COUNTS = ("consumed", "written", "shards")
 
 
-def _write_json(path: str, value: Any) -> None:
-    """Write JSON through a temporary file and a rename: a kill leaves the old file or the new one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def _prepare_out(out: str, overwrite: bool, made_with: dict[str, Any]) -> dict[str, Any] | None:
     """Empty `out` for a new prep, or, when it holds an unfinished prep of the same source and options, keep its
     whole shards and return its progress (to resume). Anything else already there is a FileExistsError unless
@@ -432,10 +426,10 @@ def write_shards(
                 continue
             uncaptioned += not _has_training_caption(result)
             if writer.write({"__key__": f"{opts.key_prefix}{written:09d}", **result}):
-                _write_json(os.path.join(out, PROGRESS_FILE), {
+                write_text_atomic(os.path.join(out, PROGRESS_FILE), json.dumps({
                     "made_with": made_with, "consumed": consumed, "written": written + 1,
                     "shards": writer.next_index, "reasons": dict(checked), "examples": examples,
-                    "without_default_caption": uncaptioned})
+                    "without_default_caption": uncaptioned}, indent=1))
                 rate = (consumed - consumed_at_start) / max(time.monotonic() - started, 1e-9)
                 logger.info("%s whole: %d samples kept, %d skipped, %.1f records/s", os.path.basename(writer.path),
                             written + 1, sum(checked.values()) + sum(skips.values()), rate)

@@ -46,6 +46,15 @@ def swap_into_place(new: Path, final: Path, aside: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it and a rename: a kill leaves the old file or the new
+    one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def out_folder_problem(flag: str, path: str) -> str | None:
     """None when `path` is, or can be made as, a folder; else one line saying why not (checked before any work,
     so that a long sampling run does not end on a mkdir error)."""

@@ -33,10 +33,10 @@ def write_results(folder: Path, stem: str, json_text: str, markdown_text: str, p
     limit keeps what it measured without replacing an earlier complete result; the final write removes them."""
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{stem}.partial" if partial else stem
+    from distill.files import write_text_atomic
+
     for suffix, text in ((".json", json_text), (".md", markdown_text)):
-        tmp = folder / f"{name}{suffix}.tmp"
-        tmp.write_text(text)
-        tmp.replace(folder / f"{name}{suffix}")
+        write_text_atomic(folder / f"{name}{suffix}", text)
     if not partial:
         for suffix in (".json", ".md"):
             (folder / f"{stem}.partial{suffix}").unlink(missing_ok=True)
