@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import CONF_DIR, ConfigError, load_config, validate
+from train.config import CONF_DIR, ConfigError, config_notes, load_config, validate
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -225,6 +225,14 @@ def test_empty_sample_prompts_are_refused_when_grids_are_drawn(demo_shards):
         validate(load_config([f"data.shards={demo_shards}", "train.sample_prompts=[]"]))
     validate(load_config([f"data.shards={demo_shards}", "train.sample_prompts=[]", "train.sample_every=0",
                           "train.sample_at_end=false"]))
+
+
+def test_a_warmup_longer_than_the_run_is_a_note_not_an_error():
+    """The LR multiplier at the last step is max_steps / warmup_steps: the run trains, and says it."""
+    assert config_notes(load_config(["train.max_steps=100", "train.warmup_steps=100"])) == []
+    (note,) = config_notes(load_config(["train.max_steps=100", "train.warmup_steps=400",
+                                        "train.lr_schedule=cosine"]))
+    assert "rises to 0.25 x train.lr by the last step and never reaches train.lr or decays" in note
 
 
 def test_batch_divisibility_depends_on_processes(demo_shards):

@@ -87,15 +87,17 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
 def test_a_stop_file_older_than_the_run_is_ignored(tmp_path, demo_shards, tiny_pipeline_dir, capsys):
     """A STOP left in the folder before the run stopped it after its first step; now only a new one does (and the
     run says it ignores the old one). Each checkpoint written is one line, its files readable as the umask allows
-    (safetensors writes 0600). fp16 on the CPU computes in fp32, and says so."""
+    (safetensors writes 0600). fp16 on the CPU computes in fp32, and says so; so does a warmup longer than the run."""
     from distill.files import process_umask
 
     tmp_path.joinpath("STOP").touch()
     _, summary = run_cfg(tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, "train.max_steps=3",
-                                  "train.checkpoint_every=0", "train.ema=false", "train.mixed_precision=fp16"))
+                                  "train.checkpoint_every=0", "train.ema=false", "train.mixed_precision=fp16",
+                                  "train.warmup_steps=5"))
     assert summary["steps"] == 3 and not summary["preempted"]
     out = capsys.readouterr().out
     assert "STOP is older than this run and is ignored" in out
+    assert "note: train.warmup_steps=5 is more than train.max_steps=3: the learning rate rises to 0.6 x" in out
     ckpt = tmp_path / "checkpoints" / "step_000000003"
     assert f"checkpoint written: {ckpt}" in out
     assert "warning: train.mixed_precision=fp16 has no effect on the CPU" in out

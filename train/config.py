@@ -309,6 +309,17 @@ def validate(cfg: DictConfig, world_size: int = 1, *, launch_known: bool = True)
         raise ConfigError(str(exc)) from exc
 
 
+def config_notes(cfg: DictConfig) -> list[str]:
+    """Settings that are valid but probably not meant, each as one `note:` line the run prints and goes on."""
+    notes = []
+    tr = cfg.train
+    if tr.warmup_steps > tr.max_steps:
+        notes.append(f"note: train.warmup_steps={tr.warmup_steps} is more than train.max_steps={tr.max_steps}: the "
+                     f"learning rate rises to {tr.max_steps / tr.warmup_steps:.3g} x train.lr by the last step and "
+                     f"never reaches train.lr{' or decays' if tr.lr_schedule == 'cosine' else ''}")
+    return notes
+
+
 def check_choices(cfg: DictConfig) -> None:
     """ConfigError (one line) when a key with a fixed set of values holds another (teacher.name, ...)."""
     for key, allowed in _CHOICES.items():

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 
 from train import checkpoint as ckpt
 from train.callbacks import EMA, Audit, Callback, SampleGrid, ScalarLogger
-from train.config import grad_accum_steps
+from train.config import config_notes, grad_accum_steps
 
 
 class NonFiniteError(RuntimeError):
@@ -403,6 +403,8 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     if accelerator.device.type == "cpu" and tr.mixed_precision == "fp16":
         say("warning: train.mixed_precision=fp16 has no effect on the CPU (Accelerate autocasts fp16 on GPUs only): "
             "this run computes in fp32; bf16 works on both")
+    for note in config_notes(cfg):
+        say(note)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         _write_run_file(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
