@@ -91,6 +91,14 @@ def test_export_errors_are_one_line(ckpt, tiny_pipeline_dir, tmp_path, capsys):
     (mixed / "student_ema" / "config.json").write_text(json.dumps(config))
     cases.append((["--checkpoint", str(mixed), "--out", str(tmp_path / "h")], 2,
                   f"{mixed}/student_ema cannot be loaded: RuntimeError"))
+    # a checkpoint whose saved teacher settings name a sampler the export cannot write (an edited meta.json)
+    other = tmp_path / "run" / "checkpoints" / "step_000000011"
+    shutil.copytree(ckpt, other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["config"] = {"teacher": {**teacher, "sampler": {**teacher["sampler"], "scheduler": "dpmpp"}}}
+    (other / "meta.json").write_text(json.dumps(meta))
+    cases.append((["--checkpoint", str(other), "--out", str(tmp_path / "i")], 2,
+                  "teacher.sampler.scheduler='dpmpp' is not supported (euler)"))
     for argv, code, needle in cases:
         assert script.main(argv) == code, argv
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

@@ -40,12 +40,13 @@ def export_pipeline(teacher_path: Path, tcfg: Any, student: torch.nn.Module, out
 
 
 def _write(teacher_path: Path, tcfg: Any, student: torch.nn.Module, tmp: Path) -> None:
+    scheduler = export_scheduler(tcfg, teacher_path)  # before the copies: a setting it refuses costs no GB copied
     tmp.mkdir(parents=True)
     for sub in _COPIED:
         shutil.copytree(teacher_path / sub, tmp / sub)
     shutil.copytree(Path(tcfg.vae_path) if tcfg.vae_path else teacher_path / "vae", tmp / "vae")
     student.save_pretrained(tmp / "unet")
-    export_scheduler(tcfg, teacher_path).save_pretrained(tmp / "scheduler")
+    scheduler.save_pretrained(tmp / "scheduler")
     index = json.loads((teacher_path / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
