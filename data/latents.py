@@ -37,7 +37,7 @@ from data.config import DataConfig
 from data.decode import MANIFEST_FILE, Example, RawDecoder, read_manifest
 from data.stream import Batcher, collate, expand_shards
 from distill.conditioning import encode_images, encode_prompts
-from distill.files import write_text_atomic
+from distill.files import replace_durably, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def write_empty_prompt(path: str, tokenizers: list, encoders: list) -> None:
     np.savez(
         tmp, prompt_embeds=prompt_embeds[0].float().cpu().numpy(), pooled_prompt_embeds=pooled[0].float().cpu().numpy()
     )
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def sample_rng(seed: int, key: str) -> random.Random:
@@ -294,6 +294,6 @@ def _make_one(index, url, out, decoder, seed, batch_size, skips, models, storage
                 flush(full)
         for items in list(batcher.buckets.values()):  # partly filled buckets at the shard's end
             flush(items)
-    os.replace(partial, final)  # atomic: a shard either exists complete or not at all
+    replace_durably(partial, final)  # atomic: a shard either exists complete or not at all, crash or not
     log.info("latent shard %s: %d samples", final, written)
     return written

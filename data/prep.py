@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from data.captions import SkipSample, decode_json, decode_text, first_field
 from data.config import DataConfig
 from data.images import IMAGE_EXTENSIONS, open_image, oriented_size, to_rgb
-from distill.files import write_text_atomic
+from distill.files import replace_durably, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class _ShardWriter:
         self.stream.close()
         self.stream = None
         if not keep_partial:
-            os.replace(self.path + _PARTIAL, self.path)
+            replace_durably(self.path + _PARTIAL, self.path)
 
 
 _PARTIAL = ".partial"  # suffix of a shard being written

@@ -1,4 +1,4 @@
-"""File permissions of what the project writes."""
+"""What the project writes: file permissions, atomic replacement, and flushing to the disk."""
 
 from __future__ import annotations
 
@@ -38,21 +38,74 @@ def widen_to_umask(folder: str | Path) -> None:
 
 def swap_into_place(new: Path, final: Path, aside: Path) -> None:
     """Rename the whole folder `new` to `final`. A `final` already there is renamed to `aside` first and deleted
-    after, so a kill at any point leaves one whole folder: `final`, or (between the two renames) `aside`."""
+    after, so a kill at any point leaves one whole folder: `final`, or (between the two renames) `aside`. `new` is
+    flushed to the disk first and the renames after them, so that a crash or a power cut does the same."""
+    fsync_tree(new)
     if final.exists():
         shutil.rmtree(aside, ignore_errors=True)  # a killed swap's leftover: `final` is the whole one
         final.rename(aside)
     new.rename(final)
+    fsync_dir(final.parent)  # the renames reach the disk before `aside`, the older whole one, is deleted
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def fsync_file(path: str | Path, missing_ok: bool = False) -> None:
+    """Flush a file's data to the disk, whichever process wrote it: after a crash or a power cut it holds what was
+    written, not zeros or nothing (a rename alone is not enough: the name can reach the disk before the data).
+    missing_ok: a file gone meanwhile (another process renamed or removed it) is passed over."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it). Filesystems that cannot open or flush a
+    folder are left as they are: there the rename is as durable as they make it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | Path, missing_ok: bool = False) -> None:
+    """fsync_file every file under `folder`, then fsync_dir every folder in it, deepest first. missing_ok: as for
+    fsync_file, for a folder other processes are still writing into."""
+    walked = list(os.walk(folder))
+    for root, _dirs, files in walked:
+        for name in files:
+            fsync_file(os.path.join(root, name), missing_ok)
+    for root, _dirs, _files in reversed(walked):
+        fsync_dir(root)
+
+
+def replace_durably(tmp: str | Path, path: str | Path) -> None:
+    """os.replace(tmp, path) after flushing `tmp`'s data, then flush the folder's entry: after a crash `path` is the
+    old file or the whole new one."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file beside it and a rename: a kill leaves the old file or the new
-    one, never half of one."""
+    """Write `text` to `path` through a temporary file beside it and a rename: a kill or a crash leaves the old file
+    or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def out_folder_problem(flag: str, path: str) -> str | None:

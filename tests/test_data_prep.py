@@ -401,3 +401,27 @@ def test_the_report_counts_kept_samples_that_training_finds_no_caption_in(tmp_pa
     assert note.startswith("note: 1 of the 3 kept samples have no caption in training's default data.caption_fields")
     assert "data.syncap=true" in note
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["without_default_caption"] == 1
+
+
+def test_text_and_shards_are_flushed_before_their_rename(tmp_path, monkeypatch):
+    """write_text_atomic (prep's progress file, latents.json) and replace_durably (each finished shard): the data
+    reaches the disk before the name, and the name after the rename."""
+    from distill.files import replace_durably, write_text_atomic
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("reads file names back from /proc/self/fd")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    target = tmp_path / "progress.json"
+    write_text_atomic(target, "{}")
+    (tmp_path / "000000.tar.partial").write_bytes(b"x" * 10)
+    replace_durably(tmp_path / "000000.tar.partial", tmp_path / "000000.tar")
+    partial = f"{target}.partial-{os.getpid()}"
+    assert events == [("fsync", partial), ("replace", partial, str(target)), ("fsync", str(tmp_path)),
+                      ("fsync", f"{tmp_path}/000000.tar.partial"),
+                      ("replace", f"{tmp_path}/000000.tar.partial", f"{tmp_path}/000000.tar"),
+                      ("fsync", str(tmp_path))]
+    assert target.read_text() == "{}" and (tmp_path / "000000.tar").read_bytes() == b"x" * 10

@@ -690,3 +690,40 @@ def test_a_run_file_that_cannot_be_written_is_one_line(tmp_path, demo_shards, ti
     assert _main_with_full_disk(out, demo_shards, tiny_pipeline_dir, monkeypatch, None, "train.max_steps=1") == 5
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
     assert len(err) == 1 and f"{out / 'config.yaml'} could not be written: Is a directory" in err[0], err
+
+
+def _record_flushes(monkeypatch) -> list[tuple[str, ...]]:
+    """("fsync", path) and ("rename", source, target) in the order the process does them."""
+    import os
+
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst, *args, **kwargs):
+        events.append(("rename", str(src), str(dst)))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    return events
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads file names back from /proc/self/fd")
+def test_a_checkpoint_reaches_the_disk_before_its_name_does(tmp_path, demo_shards, tiny_pipeline_dir, monkeypatch):
+    """A crash or power cut after the rename must not leave a checkpoint of empty files under a complete name (the
+    older ones may have been pruned): every file and folder of it is flushed before the rename, and the rename
+    before the one it replaced is deleted."""
+    cfg = tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, "train.max_steps=1", "train.checkpoint_every=0")
+    events = _record_flushes(monkeypatch)
+    run_cfg(cfg)
+    final = tmp_path / "checkpoints" / "step_000000001"
+    tmp = str(tmp_path / "checkpoints" / ".tmp-step_000000001")
+    (at,) = [i for i, e in enumerate(events) if e == ("rename", tmp, str(final))]
+    flushed = {e[1] for e in events[:at] if e[0] == "fsync"}
+    files = [p for p in final.rglob("*")]
+    assert len(files) > 5 and {str(tmp / p.relative_to(final)) for p in files} | {tmp} <= flushed
+    assert ("fsync", str(final.parent)) in events[at:]

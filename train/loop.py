@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 
+from distill.files import fsync_tree
 from train import checkpoint as ckpt
 from train.callbacks import EMA, Audit, Callback, SampleGrid, ScalarLogger
 from train.config import config_notes, grad_accum_steps
@@ -620,6 +621,8 @@ def _write_state(run: Run, tmp: Path) -> None:
     acc = run.accelerator
     acc.save_state(str(tmp))
     ckpt.data_state_file(tmp, acc.process_index).write_text(json.dumps(run.loader.state_dict()))
+    if not acc.is_main_process:  # flushed from the node that wrote them (the main process flushes the whole folder
+        fsync_tree(tmp, missing_ok=True)  # before the rename, which covers its own node); others may still write
     ckpt.fault_injection_pause()
 
 
