@@ -60,6 +60,69 @@ def test_kd_loss_positive_for_the_koala_student_and_terms_add_up(teacher, tiny_u
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("timesteps, prediction", [("uniform", "epsilon"), ("trailing", "v_prediction"),
+                                                    ("trailing", "sample")])
+def test_every_loss_term_is_recomputed_from_the_models_own_outputs(teacher, tiny_unets, timesteps, prediction):
+    """Each term again from hooks of the test's own on the same modules, against a replay of the step's generator
+    (timesteps first, then the noise): the task target of the prediction type, out_kd = MSE(student, teacher),
+    feat/<label> = MSE of the paired modules' outputs, kd = out_kd + feat_kd; the timesteps come from the
+    configured grid. The feature term alone sends gradients into every hooked student module."""
+    import dataclasses
+
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    tcfg, bundle = teacher
+    tcfg = OmegaConf.merge(tcfg, {"timesteps": timesteps, "trailing_steps": 4, "prediction_type": prediction})
+    bundle = dataclasses.replace(bundle, noise_scheduler=DDPMScheduler.from_config(
+        bundle.noise_scheduler.config, prediction_type=prediction))
+    student = copy.deepcopy(tiny_unets[1])
+    pairs = match_features(bundle.unet, student)
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for tag, model in (("t", bundle.unet), ("s", student)):
+        handles.append(model.register_forward_hook(
+            lambda m, a, kw, out, tag=tag: seen.update({tag: out.sample, f"{tag}_t": a[1]}), with_kwargs=True))
+        modules = dict(model.named_modules())
+        for pair in pairs:
+            path = pair.teacher if tag == "t" else pair.student
+            handles.append(modules[path].register_forward_hook(
+                lambda m, a, out, key=f"{tag}/{pair.label}": seen.update(  # a down block's (hidden, skips)
+                    {key: out if isinstance(out, torch.Tensor) else out[0]})))
+    step = Distiller(bundle, student, pairs, tcfg, OmegaConf.structured(DistillConfig()))
+    x = _inputs(bundle, batch=4)
+    losses = step.forward(x, torch.Generator().manual_seed(3))
+    step.close()
+    for h in handles:
+        h.remove()
+
+    g = torch.Generator().manual_seed(3)
+    if timesteps == "uniform":
+        t = torch.randint(0, 1000, (4,), generator=g)
+    else:
+        grid = torch.tensor(trailing_timesteps(1000, 4))
+        t = grid[torch.randint(0, 4, (4,), generator=g)]
+        assert set(seen["s_t"].tolist()) <= set(grid.tolist())
+    torch.testing.assert_close(seen["s_t"], t, rtol=0, atol=0)
+    torch.testing.assert_close(seen["t_t"], t, rtol=0, atol=0)
+    noise = torch.randn(x.latents.shape, generator=g)
+    alpha = bundle.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    target = {"epsilon": noise, "sample": x.latents,
+              "v_prediction": alpha.sqrt() * noise - (1 - alpha).sqrt() * x.latents}[prediction]
+    torch.testing.assert_close(losses["task"], F.mse_loss(seen["s"], target))
+    torch.testing.assert_close(losses["out_kd"], F.mse_loss(seen["s"], seen["t"]))
+    for pair in pairs:
+        want = F.mse_loss(seen[f"s/{pair.label}"], seen[f"t/{pair.label}"])
+        assert want > 0
+        torch.testing.assert_close(losses[f"feat/{pair.label}"], want)
+    torch.testing.assert_close(losses["kd"], losses["out_kd"] + losses["feat_kd"])
+    losses["feat_kd"].backward()
+    modules = dict(student.named_modules())
+    for pair in pairs:  # each hooked module's own weights get a gradient from the feature term alone
+        grads = [p.grad for p in modules[pair.student].parameters()]
+        assert grads and all(gr is not None and gr.abs().sum() > 0 for gr in grads), pair.label
+
+
 def test_same_generator_same_losses(teacher, tiny_unets):
     tcfg, bundle = teacher
     student = copy.deepcopy(tiny_unets[1])
