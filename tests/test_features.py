@@ -62,6 +62,32 @@ def test_koala_recipe_pairs_koala_1b_vs_sdxl(sdxl_and_koala_1b):
     assert "sa/UP-1.1.5" in format_pairs(pairs)
 
 
+def test_each_default_pair_taps_the_teacher_module_its_student_module_was_copied_from(sdxl_and_koala_1b):
+    """layer_map=bottom (the paper's): every self-attention pair is a student module and the teacher module it was
+    initialised from (encoder: the same index; decoder: last <- last; stacks: the bottom blocks), so the pairs hold
+    the same weights at the start; DW-2 matches the teacher's first stack, not its last."""
+    teacher, student = sdxl_and_koala_1b
+    t_mod, s_mod = dict(teacher.named_modules()), dict(student.named_modules())
+    sa = [p for p in match_features(teacher, student) if p.kind == "sa"]
+    for p in sa:
+        t_params = dict(t_mod[p.teacher].named_parameters())
+        for name, w in s_mod[p.student].named_parameters():
+            assert torch.equal(w, t_params[name]), (p.label, name)
+    by_label = {p.label: p.teacher for p in sa}
+    assert by_label["sa/DW-2.0.1"] == "down_blocks.1.attentions.0.transformer_blocks.1.attn1"
+    assert by_label["sa/UP-1.0.5"] == "up_blocks.0.attentions.0.transformer_blocks.5.attn1"
+
+
+@pytest.mark.parametrize("layer_map, blocks", [("interleave", [0, 2, 4, 6, 8, 9]), ("up", [4, 5, 6, 7, 8, 9])])
+def test_the_layer_map_chooses_the_teacher_blocks_of_a_shorter_stack(sdxl_and_koala_1b, layer_map, blocks):
+    teacher, student = sdxl_and_koala_1b
+    by_label = {p.label: p.teacher for p in match_features(teacher, student, layer_map=layer_map)}
+    assert [by_label[f"sa/DW-3.0.{k}"] for k in range(6)] == [
+        f"down_blocks.2.attentions.0.transformer_blocks.{i}.attn1" for i in blocks]
+    assert [by_label[f"sa/UP-2.1.{k}"] for k in range(2)] == [  # 2 of 2: every map takes both
+        f"up_blocks.1.attentions.2.transformer_blocks.{i}.attn1" for i in range(2)]
+
+
 def test_hooks_capture_exactly_the_configured_modules(sdxl_and_koala_1b):
     teacher, student = sdxl_and_koala_1b
     pairs = match_features(teacher, student, feature_types=("sa", "ca", "ffn", "res"))

@@ -51,6 +51,18 @@ def test_thirty_steps_lower_the_kd_loss(tmp_path, demo_shards, tiny_pipeline_dir
     assert summary["samples"] and (tmp_path / "run" / "samples").is_dir()
 
 
+def test_the_run_pairs_features_by_the_configured_layer_map(tmp_path, demo_shards, tiny_pipeline_dir):
+    """distill.layer_map reaches the run's pairs (tiny teacher DW-3: 4 blocks, student 2): up takes blocks 2 and 3."""
+    from train.loop import setup
+
+    run = setup(tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, "distill.layer_map=up"), show_progress=False)
+    by_label = {p.label: p.teacher for p in run.distiller.pairs}
+    run.distiller.close()
+    assert [by_label[f"sa/DW-3.0.{k}"] for k in (0, 1)] == [
+        f"down_blocks.2.attentions.0.transformer_blocks.{i}.attn1" for i in (2, 3)]
+    assert "down_blocks.2.attentions.0.transformer_blocks.3.attn1" in (tmp_path / "feature_pairs.txt").read_text()
+
+
 def test_a_resume_with_another_accumulation_syncs_on_the_last_micro_batch(tmp_path, demo_shards, tiny_pipeline_dir,
                                                                           capsys):
     """Accelerate's load_state restores its micro-batch counter (1 after one step of 1 micro-batch). Resumed with 2
