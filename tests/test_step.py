@@ -274,5 +274,20 @@ def test_dropped_captions_get_the_unconditional_input_guidance_will_use(teacher,
     torch.testing.assert_close(encoded.pooled, empty_pooled.float())
     saved = inputs(latents, 1.0, False, empty_prompt=(empty[0].float(), empty_pooled[0].float()))
     torch.testing.assert_close(saved.prompt_embeds, empty.float())
+    torch.testing.assert_close(saved.pooled, empty_pooled.float())
+    # each caption is dropped on its own draw: at p = 0.5 over 16 latent samples, exactly the rows the step's
+    # generator picks (its first draw) get the unconditional input, the others keep theirs
+    many = {**{k: v.repeat(8, *[1] * (v.dim() - 1)) for k, v in latents.items() if k != "captions"},
+            "captions": raw["captions"] * 8}
+    rows = torch.rand(16, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert 0 < rows.sum() < 16
+    for zero_uncond, empty_prompt, want, want_pooled in [
+            (True, None, torch.zeros_like(kept[0]), torch.zeros_like(kept_pooled[0])),
+            (False, (empty[0].float(), empty_pooled[0].float()), empty[0].float(), empty_pooled[0].float())]:
+        half = inputs(many, 0.5, zero_uncond, empty_prompt)
+        for i in range(16):
+            prompt, pooled = (want, want_pooled) if rows[i] else (kept[i % 2].float(), kept_pooled[i % 2].float())
+            torch.testing.assert_close(half.prompt_embeds[i], prompt.float())
+            torch.testing.assert_close(half.pooled[i], pooled.float())
     step = Distiller(bundle, copy.deepcopy(tiny_unets[1]), [], teacher[0], OmegaConf.structured(DistillConfig()))
     assert step.zero_uncond  # the tiny pipeline, like SDXL's, has force_zeros_for_empty_prompt true
