@@ -142,6 +142,8 @@ def _state(run):
         "lr_step": run.lr_scheduler.last_epoch,
         "step": run.state.step,
         "data": run.loader.state_dict(),
+        "counters": (run.state.samples_seen, run.state.nonfinite_total),
+        "kd": ([float(x) for x in run.state.kd_first], [float(x) for x in run.state.kd_last]),
     }
 
 
@@ -187,6 +189,10 @@ def test_resume_restores_everything_and_matches_an_uninterrupted_run(tmp_path, d
     assert summary["steps"] == 8 and resumed["step"] == full["step"] == 8
     assert resumed["lr_step"] == full["lr_step"]
     assert resumed["data"]["batches"] == full["data"]["batches"]
+    assert resumed["counters"] == full["counters"] == (16, 0)  # samples seen, updates skipped
+    assert len(resumed["kd"][0]) == 8  # the per-step kd losses the summary averages, steps 1-4 from the checkpoint
+    for a, b in zip(resumed["kd"], full["kd"], strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
     for k, v in full["student"].items():
         torch.testing.assert_close(resumed["student"][k], v, rtol=0, atol=1e-6)
     for a, b in zip(resumed["ema"], full["ema"], strict=True):
@@ -231,9 +237,29 @@ def test_ema_checkpoint_saves_the_average_and_leaves_the_live_weights_untouched(
 
     from train.loop import save_checkpoint
 
+    from diffusers.training_utils import EMAModel
+
+    class Record(Callback):  # the live weights at the start and after each update
+        def __init__(self):
+            self.weights = []
+
+        def on_start(self, run):
+            self.weights.append([p.detach().clone() for p in run.unwrapped.parameters()])
+
+        on_update = on_start
+
     cfg = tiny_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=3", "train.checkpoint_every=0",
                    "train.ema=true", "train.ema_decay=0.5", "train.lr=1e-3")
-    run, _ = run_cfg(cfg)
+    record = Record()
+    run, _ = run_cfg(cfg, callbacks=[record])
+    assert len(record.weights) == 4
+    # the average as EMAModel defines it, from the recorded weights: decay(step) = min(0.5, (1 + s) / (10 + s)),
+    # s = step - 1, and 0 at the first update
+    schedule = EMAModel([torch.zeros(1)], decay=0.5)
+    expected = record.weights[0]
+    for step, weights in enumerate(record.weights[1:], start=1):
+        d = schedule.get_decay(step)
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, weights, strict=True)]
     live = {k: v.clone() for k, v in run.unwrapped.state_dict().items()}
     path = save_checkpoint(run)
     for k, v in run.unwrapped.state_dict().items():
@@ -243,6 +269,9 @@ def test_ema_checkpoint_saves_the_average_and_leaves_the_live_weights_untouched(
     for p, s in zip(saved.parameters(), shadow, strict=True):
         torch.testing.assert_close(p, s.to(p.dtype), rtol=0, atol=0)
     assert any(not torch.equal(p, q) for p, q in zip(saved.parameters(), run.unwrapped.parameters(), strict=True))
+    for p, e in zip(saved.parameters(), expected, strict=True):
+        torch.testing.assert_close(p, e)
+    assert any(not torch.equal(p, w) for p, w in zip(saved.parameters(), record.weights[0], strict=True))  # it moved
 
 
 def test_export_loads_in_diffusers_and_makes_an_image(tmp_path, demo_shards, tiny_pipeline_dir):
