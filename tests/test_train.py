@@ -63,6 +63,30 @@ def test_the_run_pairs_features_by_the_configured_layer_map(tmp_path, demo_shard
     assert "down_blocks.2.attentions.0.transformer_blocks.3.attn1" in (tmp_path / "feature_pairs.txt").read_text()
 
 
+def test_a_run_counts_the_corrupt_samples_it_skipped(tmp_path, demo_shards, tiny_pipeline_dir):
+    """Four demo samples and two damaged ones in one shard: two steps of two read the shard once; the run's summary
+    and its logged scalars give each skip reason's count (a shuffle buffer of 1 reads the shard in order)."""
+    import webdataset as wds
+
+    good = [s for shard in ("000000.tar", "000001.tar") for s in wds.WebDataset(str(demo_shards / shard),
+                                                                                  shardshuffle=False)][:4]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with wds.TarWriter(str(shards / "000000.tar")) as writer:
+        for i, sample in enumerate(good):
+            writer.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
+            if i == 0:
+                writer.write({"__key__": "bad_image", "png": b"<html>404 not found</html>", "txt": b"a cat"})
+            if i == 1:
+                writer.write({"__key__": "bad_json", "png": good[0]["png"], "json": b'{"caption": "unterminated'})
+    run, summary = run_cfg(tiny_cfg(tmp_path / "run", shards, tiny_pipeline_dir, "train.max_steps=2",
+                                    "train.checkpoint_every=0", "train.ema=false", "train.log_every=1",
+                                    "data.shuffle_buffer=1", "data.buckets=false"))  # read in order
+    assert summary["steps"] == 2 and summary["data_skipped"] == {"bad_image": 1, "bad_json": 1}
+    logger = next(cb for cb in run.callbacks if type(cb).__name__ == "ScalarLogger")
+    assert logger.last["data/skipped_bad_image"] == 1 and logger.last["data/skipped_bad_json"] == 1
+
+
 def test_a_resume_with_another_accumulation_syncs_on_the_last_micro_batch(tmp_path, demo_shards, tiny_pipeline_dir,
                                                                           capsys):
     """Accelerate's load_state restores its micro-batch counter (1 after one step of 1 micro-batch). Resumed with 2
@@ -234,10 +258,9 @@ def test_resume_with_8bit_adam_matches_an_uninterrupted_run(tmp_path, demo_shard
 def test_ema_checkpoint_saves_the_average_and_leaves_the_live_weights_untouched(tmp_path, demo_shards,
                                                                                   tiny_pipeline_dir):
     from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
 
     from train.loop import save_checkpoint
-
-    from diffusers.training_utils import EMAModel
 
     class Record(Callback):  # the live weights at the start and after each update
         def __init__(self):
