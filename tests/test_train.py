@@ -49,6 +49,18 @@ def test_thirty_steps_lower_the_kd_loss(tmp_path, demo_shards, tiny_pipeline_dir
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert "sa/UP-1.1.1" in (tmp_path / "run" / "feature_pairs.txt").read_text()
     assert summary["samples"] and (tmp_path / "run" / "samples").is_dir()
+    # the preview grid: a row per prompt, teacher then student, and the two columns are different models' images
+    import numpy as np
+    from PIL import Image
+
+    grid = np.asarray(Image.open(summary["samples"]).convert("RGB")).astype(np.int16)
+    side, rows, pad = cfg.teacher.resolution, len(cfg.train.sample_prompts), 2  # image_grid's padding
+    assert grid.shape == (rows * side + (rows - 1) * pad, 2 * side + pad, 3)
+    for r in range(rows):
+        top = r * (side + pad)
+        teacher_img, student_img = grid[top:top + side, :side], grid[top:top + side, side + pad:]
+        assert teacher_img.std() > 1 and student_img.std() > 1  # not blank
+        assert np.abs(teacher_img - student_img).mean() > 1
 
 
 def test_the_run_pairs_features_by_the_configured_layer_map(tmp_path, demo_shards, tiny_pipeline_dir):
