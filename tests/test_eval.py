@@ -197,8 +197,15 @@ def test_hpsv2_scorer_math_with_a_stand_in_model():
 
     scorer = Hpsv2Scorer(StandIn(), preprocess, tokenizer, batch_size=2)
     images = [Image.new("RGB", (8, 8), (i * 60, 20, 200)) for i in range(3)]
-    scores = scorer(images, ["a", "bb", "ccc"])
+    prompts = ["a", "bb", "ccc"]
+    scores = scorer(images, prompts)
     assert scores.shape == (3,) and bool((scores.abs() <= 1 + 1e-6).all())
+    # each image against its own prompt: cos(image features, text features), by hand
+    model = scorer.model
+    for image, prompt, score in zip(images, prompts, scores, strict=True):
+        img = model.encode_image(preprocess(image)[None])[0]
+        txt = model.encode_text(tokenizer([prompt]))[0]
+        assert float(score) == pytest.approx(float(img @ txt / (img.norm() * txt.norm())), abs=1e-6)
 
 
 def test_config_rejects_unknown_keys():
