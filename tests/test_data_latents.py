@@ -118,6 +118,17 @@ def test_make_latents_resumes_shard_by_shard(tiny_pipeline_dir, raw_shards, tmp_
     batches = list(itertools.islice(iter(build_loader(lat_cfg, batch_size=1, rank=0, world_size=1, seed=0)), 9))
     assert sorted(k for b in batches for k in b["keys"]) == sorted(_latent_samples(str(out)))
     assert all(b["latents"].dtype == torch.float32 and torch.isfinite(b["latents"]).all() for b in batches)
+    full = tmp_path / "latents_fp32"
+    make_latents_script.main([*args[:args.index("--out") + 1], str(full), *args[args.index("--out") + 2:],
+                              "--storage", "float32"])
+    capsys.readouterr()
+    full_cfg = DataConfig(shards=str(full), kind="latents", num_workers=0, shuffle_buffer=1)
+    exact = {k: b for b in itertools.islice(iter(build_loader(full_cfg, batch_size=1, rank=0, world_size=1, seed=0)),
+                                            9) for k in b["keys"]}
+    for b in batches:
+        for name in ("latents", "prompt_embeds", "pooled_prompt_embeds"):
+            want = exact[b["keys"][0]][name]
+            torch.testing.assert_close(b[name], want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
 
     # the folder's manifest refuses a rerun that would mix other latents in, before any encoder loads
     manifest = json.loads((out / "latents.json").read_text())
