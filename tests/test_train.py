@@ -791,8 +791,8 @@ def _record_flushes(monkeypatch) -> list[tuple[str, ...]]:
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads file names back from /proc/self/fd")
 def test_a_checkpoint_reaches_the_disk_before_its_name_does(tmp_path, demo_shards, tiny_pipeline_dir, monkeypatch):
     """A crash or power cut after the rename must not leave a checkpoint of empty files under a complete name (the
-    older ones may have been pruned): every file and folder of it is flushed before the rename, and the rename
-    before the one it replaced is deleted."""
+    older ones may have been pruned): every file and folder of it is flushed before the rename, and the folder's
+    entries after it."""
     cfg = tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, "train.max_steps=1", "train.checkpoint_every=0")
     events = _record_flushes(monkeypatch)
     run_cfg(cfg)
@@ -803,3 +803,30 @@ def test_a_checkpoint_reaches_the_disk_before_its_name_does(tmp_path, demo_shard
     files = [p for p in final.rglob("*")]
     assert len(files) > 5 and {str(tmp / p.relative_to(final)) for p in files} | {tmp} <= flushed
     assert ("fsync", str(final.parent)) in events[at:]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads file names back from /proc/self/fd")
+def test_a_replaced_folder_is_deleted_only_after_the_new_one_is_on_disk(tmp_path, monkeypatch):
+    """swap_into_place (checkpoints of the same step, exports): the new folder's files are flushed before any
+    rename, and the renames before the older whole folder is deleted."""
+    import shutil
+
+    import distill.files
+    from distill.files import swap_into_place
+
+    new, final, aside = tmp_path / "new", tmp_path / "final", tmp_path / "aside"
+    for folder, text in ((new, "new"), (final, "old")):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "weights.bin").write_text(text)
+    events = _record_flushes(monkeypatch)
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(distill.files.shutil, "rmtree",
+                        lambda path, **kw: events.append(("rmtree", str(path))) or real_rmtree(path, **kw))
+    swap_into_place(new, final, aside)
+    assert (final / "sub" / "weights.bin").read_text() == "new" and not aside.exists() and not new.exists()
+    order = [e for e in events if e[0] != "rmtree" or e[1] == str(aside)]
+    first_rename = next(i for i, e in enumerate(order) if e[0] == "rename")
+    assert {("fsync", str(new / "sub" / "weights.bin")), ("fsync", str(new / "sub")),
+            ("fsync", str(new))} <= set(order[:first_rename])
+    assert order[first_rename:] == [("rename", str(final), str(aside)), ("rename", str(new), str(final)),
+                                    ("fsync", str(tmp_path)), ("rmtree", str(aside))]
