@@ -132,6 +132,17 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
         flag.uninstall()
 
 
+def test_a_stop_file_made_while_the_models_load_stops_the_run(tmp_path, demo_shards, tiny_pipeline_dir, capsys):
+    """The scheduler's STOP can come while the run is still loading (minutes for SDXL): it counts, as one made
+    during training does (before, the run took it for an old one and trained on until it was killed)."""
+    cfg = tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, "train.max_steps=3", "train.checkpoint_every=0",
+                   "train.ema=false")
+    _, summary = run_cfg(cfg, patch=lambda run: (tmp_path / "STOP").touch())  # after setup, before the loop
+    assert summary["steps"] == 1 and summary["preempted"]
+    assert "older than this run" not in capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "step_000000001" / "meta.json").is_file()
+
+
 def test_a_stop_file_older_than_the_run_is_ignored(tmp_path, demo_shards, tiny_pipeline_dir, capsys):
     """A STOP left in the folder before the run stopped it after its first step; now only a new one does (and the
     run says it ignores the old one). Each checkpoint written is one line, its files readable as the umask allows

@@ -73,11 +73,18 @@ class StopFlag:
         self.stale_mtime: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def install(self, output_dir: Path) -> None:
+    def note_existing(self, output_dir: Path) -> None:
+        """Remember the STOP file as it is now, at the start of the run: one older than the run (left by hand, or by
+        the stop that ended the run it resumes) does not stop it; only a new one (or a touch: a new mtime) does,
+        even one made while the models load."""
         self.file = output_dir / self.FILE
-        # a STOP file older than this run (left by hand, or by a stop that did not finish) does not stop it at
-        # once: only a new one (or a touch: a new mtime) does
         self.stale_mtime = self._mtime()
+
+    def install(self, output_dir: Path) -> None:
+        """Catch SIGTERM, SIGUSR1 and SIGINT from now on; the STOP file is judged against note_existing's record
+        (made here when the run did not make one)."""
+        if self.file is None:
+            self.note_existing(output_dir)
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handler)
 
@@ -380,6 +387,8 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
 
     tr = cfg.train
     output_dir = Path(tr.output_dir)
+    stop = StopFlag()
+    stop.note_existing(output_dir)  # before the models load, which can take minutes: a STOP made meanwhile counts
     use_wandb = cfg.tracking.wandb and cfg.tracking.mode != "disabled"
     on_cpu, processes = _process_group(tr.collective_timeout_min)
     accum = grad_accum_steps(cfg, processes)
@@ -495,7 +504,7 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
                            SampleGrid(tr.sample_every, tr.sample_at_end), *([Audit()] if tr.audit else [])]
     return Run(cfg=cfg, accelerator=accelerator, teacher=teacher, student=prepared, distiller=distiller,
                optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader, state=state, output_dir=output_dir,
-               accum=accum, callbacks=cbs + list(callbacks or []), ema=ema)
+               accum=accum, callbacks=cbs + list(callbacks or []), ema=ema, stop=stop)
 
 
 def _write_run_file(path: Path, text: str) -> None:
