@@ -82,7 +82,8 @@ def test_every_loss_term_is_recomputed_from_the_models_own_outputs(teacher, tiny
     handles = []
     for tag, model in (("t", bundle.unet), ("s", student)):
         handles.append(model.register_forward_hook(
-            lambda m, a, kw, out, tag=tag: seen.update({tag: out.sample, f"{tag}_t": a[1]}), with_kwargs=True))
+            lambda m, a, kw, out, tag=tag: seen.update({tag: out.sample, f"{tag}_t": a[1], f"{tag}_x": a[0]}),
+            with_kwargs=True))
         modules = dict(model.named_modules())
         for pair in pairs:
             path = pair.teacher if tag == "t" else pair.student
@@ -107,6 +108,9 @@ def test_every_loss_term_is_recomputed_from_the_models_own_outputs(teacher, tiny
     torch.testing.assert_close(seen["t_t"], t, rtol=0, atol=0)
     noise = torch.randn(x.latents.shape, generator=g)
     alpha = bundle.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = alpha.sqrt() * x.latents + (1 - alpha).sqrt() * noise  # both models' input
+    torch.testing.assert_close(seen["s_x"], noisy)
+    torch.testing.assert_close(seen["t_x"], noisy)
     target = {"epsilon": noise, "sample": x.latents,
               "v_prediction": alpha.sqrt() * noise - (1 - alpha).sqrt() * x.latents}[prediction]
     torch.testing.assert_close(losses["task"], F.mse_loss(seen["s"], target))
@@ -121,6 +125,35 @@ def test_every_loss_term_is_recomputed_from_the_models_own_outputs(teacher, tiny
     for pair in pairs:  # each hooked module's own weights get a gradient from the feature term alone
         grads = [p.grad for p in modules[pair.student].parameters()]
         assert grads and all(gr is not None and gr.abs().sum() > 0 for gr in grads), pair.label
+
+
+def test_conditioning_matches_sdxls_own(teacher):
+    """The step's conditioning is what StableDiffusionXLPipeline computes: encode_prompts gives its prompt embeddings
+    (both encoders' penultimate layers) and pooled embedding, and the size conditioning is (original h, w, crop top,
+    left, target h, w) in that order; a teacher loaded for x0 or v targets says so in its noise scheduler."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from distill.conditioning import encode_prompts
+    from distill.step import prepare_inputs
+
+    tcfg, bundle = teacher
+    pipe = StableDiffusionXLPipeline.from_pretrained(tcfg.path)
+    prompts = ["a red car on a bridge", "a cat"]
+    want, _, want_pooled, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                 do_classifier_free_guidance=False)
+    got, got_pooled = encode_prompts(bundle.tokenizers, bundle.text_encoders, prompts)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_pooled, want_pooled)
+
+    batch = {"latents": torch.zeros(1, 4, 8, 8), "prompt_embeds": got[:1], "pooled_prompt_embeds": got_pooled[:1],
+             "captions": prompts[:1], "original_size": torch.tensor([[1457, 1274]]),
+             "crop_top_left": torch.tensor([[37, 213]]), "target_size": torch.tensor([[1024, 960]])}
+    x = prepare_inputs(batch, bundle, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    assert x.time_ids.tolist() == [[1457, 1274, 37, 213, 1024, 960]]
+
+    for kind in ("sample", "v_prediction"):
+        other = load_teacher(OmegaConf.merge(tcfg, {"prediction_type": kind}))
+        assert other.noise_scheduler.config.prediction_type == kind
 
 
 def test_same_generator_same_losses(teacher, tiny_unets):
