@@ -185,3 +185,31 @@ def test_an_export_killed_between_its_renames_keeps_a_whole_one(tmp_path, tiny_p
     again = _unet(out / "unet")
     assert any(not torch.equal(again[k], first[k]) for k in first)  # the new student's weights
     StableDiffusionXLPipeline.from_pretrained(out)
+
+
+def test_export_carries_the_runs_prediction_type_and_chosen_vae(ckpt, tiny_pipeline_dir, tmp_path, capsys):
+    """A run against an x0 teacher (the 1-step Lightning U-Net) exports a scheduler that samples x0, and a VAE given
+    with --vae-path (e.g. SDXL's fp16-fix VAE) is the one copied, not the teacher's."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from train.config import load_config
+
+    x0 = tmp_path / "x0"
+    shutil.copytree(ckpt, x0)
+    meta = json.loads((x0 / "meta.json").read_text())
+    teacher = OmegaConf.to_container(load_config(["teacher=tiny"]).teacher)
+    meta["config"] = {"teacher": {**teacher, "prediction_type": "sample"}}
+    (x0 / "meta.json").write_text(json.dumps(meta))
+    vae = tmp_path / "other_vae"
+    shutil.copytree(tiny_pipeline_dir / "vae", vae)
+    weights = _unet(vae)  # the same file name as a U-Net's
+    save_file({k: v + 0.5 for k, v in weights.items()}, str(vae / "diffusion_pytorch_model.safetensors"))
+    out = tmp_path / "export"
+    assert script.main(["--checkpoint", str(x0), "--out", str(out), "--vae-path", str(vae)]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "sample"
+    exported = _unet(out / "vae")
+    assert all(torch.equal(exported[k], v + 0.5) for k, v in weights.items())
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    assert pipe.scheduler.config.prediction_type == "sample"
