@@ -224,3 +224,16 @@ def test_an_output_path_that_cannot_be_a_folder_is_one_line_before_sampling(tmp_
     assert info.value.code == 2 and "is a file: give a folder" in capsys.readouterr().err
     assert eval_script.entry([f"student={tmp_path}", f"out_dir={tmp_path / 'file' / 'eval'}"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: out_dir ")
+
+
+@pytest.mark.parametrize("spacing, sample_size, family", [("trailing", 64, "sdxl_turbo"),
+                                                          ("trailing", 128, "sdxl_lightning"),
+                                                          ("leading", 128, "sdxl_base")])
+def test_a_plain_sdxl_folder_is_told_by_its_scheduler_and_latent_size(tmp_path, spacing, sample_size, family):
+    """A diffusers folder without koala_sampler.json: SDXL-Turbo (512 px: 64-latent U-Net, trailing), Lightning
+    (1024 px, trailing), Base (leading): the families whose sampler defaults differ."""
+    for sub, config in (("scheduler/scheduler_config.json", {"timestep_spacing": spacing}),
+                        ("unet/config.json", {"sample_size": sample_size})):
+        (tmp_path / sub).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub).write_text(json.dumps(config))
+    assert infer_family(tmp_path) == family
