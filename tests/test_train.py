@@ -99,6 +99,66 @@ def test_a_run_counts_the_corrupt_samples_it_skipped(tmp_path, demo_shards, tiny
     assert logger.last["data/skipped_bad_image"] == 1 and logger.last["data/skipped_bad_json"] == 1
 
 
+def test_lr_schedule_and_per_micro_batch_generators():
+    """Warmup reaches train.lr at its last step (the first update is not at LR 0); cosine starts after the warmup
+    and is at half at the midpoint of the rest; each micro-batch of a step draws its own timesteps and noise."""
+    from train.loop import lr_lambda, step_generator
+
+    warm = lr_lambda(4, 10, "constant")
+    assert [warm(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = lr_lambda(2, 10, "cosine")
+    assert cosine(0) == 0.5 and cosine(2) == 1.0 and cosine(6) == pytest.approx(0.5) and cosine(10) == 0.0
+    cpu = torch.device("cpu")
+    draws = {(r, t, m): torch.randn(4, generator=step_generator(0, r, t, m, cpu)) for r in (0, 1) for t in (0, 1)
+             for m in (0, 1)}
+    assert len({tuple(v.tolist()) for v in draws.values()}) == 8  # rank, step and micro-batch each change it
+    assert torch.equal(draws[(0, 1, 1)], torch.randn(4, generator=step_generator(0, 0, 1, 1, cpu)))
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_gradients_are_clipped_and_logged_losses_average_the_micro_batches(tmp_path, demo_shards, tiny_pipeline_dir):
+    """train.max_grad_norm: the optimizer steps on gradients whose norm is at most it (the logged norm is the one
+    before clipping); with 2 micro-batches per step the step's losses are the mean of theirs."""
+    cfg = tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, "train.max_steps=2", "train.checkpoint_every=0",
+                   "train.ema=false", "train.global_batch_size=4", "train.max_grad_norm=0.001")
+    seen = {"norms": [], "totals": [], "steps": []}
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *args, **kwargs):
+            losses = self.inner(*args, **kwargs)
+            seen["totals"].append(float(losses["total"].detach()))
+            return losses
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    class StepEnd(Callback):
+        def on_step_end(self, run, losses):
+            seen["steps"].append((float(losses["total"]), float(run.last_grad_norm)))
+
+    def patch(run):
+        inner = run.optimizer.optimizer
+        real_step = inner.step
+
+        def step(*args, **kwargs):
+            grads = [p.grad for group in inner.param_groups for p in group["params"] if p.grad is not None]
+            seen["norms"].append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            return real_step(*args, **kwargs)
+
+        inner.step = step
+        run.distiller = Recording(run.distiller)
+
+    run_cfg(cfg, callbacks=[StepEnd()], patch=patch)
+    assert len(seen["norms"]) == 2 and all(n <= 0.001 * (1 + 1e-4) for n in seen["norms"])
+    assert all(before > 0.01 for _, before in seen["steps"])  # the logged norm: before clipping, far above
+    assert len(seen["totals"]) == 4
+    for i, (total, _) in enumerate(seen["steps"]):
+        assert total == pytest.approx((seen["totals"][2 * i] + seen["totals"][2 * i + 1]) / 2, rel=1e-5)
+
+
 def test_a_resume_with_another_accumulation_syncs_on_the_last_micro_batch(tmp_path, demo_shards, tiny_pipeline_dir,
                                                                           capsys):
     """Accelerate's load_state restores its micro-batch counter (1 after one step of 1 micro-batch). Resumed with 2
@@ -280,6 +340,8 @@ def test_resume_with_8bit_adam_matches_an_uninterrupted_run(tmp_path, demo_shard
 
 def test_ema_checkpoint_saves_the_average_and_leaves_the_live_weights_untouched(tmp_path, demo_shards,
                                                                                   tiny_pipeline_dir):
+    """The checkpoint's student_ema/ and the run's export hold EMAModel's average of the live weights; saving swaps
+    the live weights back."""
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
@@ -295,9 +357,9 @@ def test_ema_checkpoint_saves_the_average_and_leaves_the_live_weights_untouched(
         on_update = on_start
 
     cfg = tiny_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=3", "train.checkpoint_every=0",
-                   "train.ema=true", "train.ema_decay=0.5", "train.lr=1e-3")
+                   "train.ema=true", "train.ema_decay=0.5", "train.lr=1e-3", "train.export=true")
     record = Record()
-    run, _ = run_cfg(cfg, callbacks=[record])
+    run, summary = run_cfg(cfg, callbacks=[record])
     assert len(record.weights) == 4
     # the average as EMAModel defines it, from the recorded weights: decay(step) = min(0.5, (1 + s) / (10 + s)),
     # s = step - 1, and 0 at the first update
@@ -317,6 +379,9 @@ def test_ema_checkpoint_saves_the_average_and_leaves_the_live_weights_untouched(
     assert any(not torch.equal(p, q) for p, q in zip(saved.parameters(), run.unwrapped.parameters(), strict=True))
     for p, e in zip(saved.parameters(), expected, strict=True):
         torch.testing.assert_close(p, e)
+    exported = UNet2DConditionModel.from_pretrained(Path(summary["export_dir"]) / "unet")  # the run's own export
+    for p, q in zip(exported.parameters(), saved.parameters(), strict=True):
+        assert torch.equal(p, q)
     assert any(not torch.equal(p, w) for p, w in zip(saved.parameters(), record.weights[0], strict=True))  # it moved
 
 
