@@ -50,6 +50,8 @@ def test_syncap_appends_the_generated_caption_to_the_alt_text():
     assert choose_caption(img2dataset, None, FIELDS, syncap=True, alt_text_fields=ALT) == "alt words generated words"
     assert choose_caption({"llava_caption": "gen"}, None, FIELDS, syncap=True, alt_text_fields=ALT) == "gen"
     assert choose_caption({"alt_txt": "alt"}, None, FIELDS, syncap=True, alt_text_fields=ALT) == "alt"
+    # "caption" is an alt-text field here: not appended as if it were a generated one
+    assert choose_caption({"alt_txt": "a", "caption": "b"}, None, FIELDS, syncap=True, alt_text_fields=ALT) == "a"
     # img2dataset output: the same caption in the json and the .txt file is not said twice
     assert choose_caption({"caption": "a red car"}, "a red car\n", FIELDS, syncap=True,
                           alt_text_fields=ALT) == "a red car"

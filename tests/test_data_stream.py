@@ -199,8 +199,26 @@ def test_raw_batch_contract(uneven_shards):
     batch = _take(build_loader(_cfg(folder, num_workers=0), batch_size=4, rank=0, world_size=1, seed=0), 1)[0]
     assert batch["pixel_values"].dtype == torch.float32 and batch["pixel_values"].shape == (4, 3, RES, RES)
     assert -1.0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1.0
+    assert batch["pixel_values"].min() < -0.5 and batch["pixel_values"].max() > 0.5  # [-1, 1], the VAE's range
     for name in ("original_size", "crop_top_left", "target_size"):
         assert batch[name].dtype == torch.long and batch[name].shape == (4, 2)
     assert len(batch["keys"]) == len(batch["captions"]) == 4
     assert all(c.startswith("A detailed CogVLM-style description") for c in batch["captions"])
     assert "_position" not in batch
+
+
+def test_each_sample_draws_its_own_crop_and_flip(tmp_path):
+    """Same-sized images, random crop and flip: the crops and flips vary within an epoch (each sample has its own
+    seeded draw), and the same seed gives the same ones again."""
+    write_synthetic_shards(str(tmp_path), num_shards=1, samples_per_shard=16, sizes=((48, 96),))
+    cfg = _cfg(str(tmp_path), num_workers=0, shuffle_buffer=1, random_crop=True, random_flip=True)
+
+    def crops() -> list[tuple[str, int, int, bool]]:
+        (batch,) = _take(build_loader(cfg, batch_size=16, rank=0, world_size=1, seed=3), 1)
+        return sorted(zip(batch["keys"], *[t.tolist() for t in batch["crop_top_left"].T], batch["flipped"].tolist(),
+                          strict=True))
+
+    first = crops()
+    assert len({left for _, _, left, _ in first}) > 4  # 48 x 96 resized to 32 x 64: 33 possible left offsets
+    assert 0 < sum(flipped for *_, flipped in first) < 16
+    assert crops() == first
