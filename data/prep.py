@@ -282,6 +282,27 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _end_pool(pool: Any, finished: bool, wait_s: float = 5.0) -> None:
+    """Close the pool after its last result; after an interrupt or an error, drop the queued tasks and end the
+    workers. CPython's Pool.terminate kills the workers and then can wait forever for its result queue's lock, when
+    a worker was killed while sending a result (seen once in a few Ctrl-Cs on a loaded machine), so the ending runs
+    on a helper thread for at most `wait_s` seconds; a worker still alive after that is killed."""
+    if finished:
+        pool.close()
+        pool.join()
+        return
+    import threading
+
+    ender = threading.Thread(target=pool.terminate, name="prep-pool-terminate", daemon=True)
+    ender.start()
+    ender.join(wait_s)
+    for proc in getattr(pool, "_pool", None) or []:  # the pool's worker processes (a private attribute)
+        if proc.is_alive():
+            proc.kill()
+    if not ender.is_alive():
+        pool.join()
+
+
 def _check_star(args: tuple[SourceRecord, PrepOptions]) -> dict[str, Any] | tuple[str, str]:
     return check_record(*args)
 
@@ -439,11 +460,7 @@ def write_shards(
     finally:
         writer.close(keep_partial=not finished)  # an interrupted shard stays .partial: a resume writes it again
         if pool is not None:
-            if not finished:  # an interrupt or an error: the tasks still queued are dropped, the workers ended
-                pool.terminate()
-            else:
-                pool.close()
-            pool.join()
+            _end_pool(pool, finished)
     reasons = checked + skips
     summary = {
         "written": written,

@@ -425,3 +425,32 @@ def test_text_and_shards_are_flushed_before_their_rename(tmp_path, monkeypatch):
                       ("replace", f"{tmp_path}/000000.tar.partial", f"{tmp_path}/000000.tar"),
                       ("fsync", str(tmp_path))]
     assert target.read_text() == "{}" and (tmp_path / "000000.tar").read_bytes() == b"x" * 10
+
+
+def test_ending_the_pool_after_an_interrupt_never_waits_forever():
+    """CPython's Pool.terminate can hang on its result queue's lock when a worker was killed while sending: the prep
+    gives it a few seconds, kills any worker still alive, and goes on (the Ctrl-C test above met it under load)."""
+    import multiprocessing
+    import threading
+    import time
+
+    from data.prep import _end_pool
+
+    class StuckPool:  # terminate() blocks for good, as the real one did
+        def __init__(self):
+            self._pool = [multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))]
+            self._pool[0].start()
+            self.joined = False
+
+        def terminate(self):
+            threading.Event().wait()
+
+        def join(self):
+            self.joined = True
+
+    pool = StuckPool()
+    started = time.monotonic()
+    _end_pool(pool, finished=False, wait_s=0.5)
+    assert time.monotonic() - started < 5
+    pool._pool[0].join(5)
+    assert pool._pool[0].exitcode is not None and not pool.joined  # killed; the stuck pool is not joined
