@@ -151,7 +151,8 @@ def test_gradients_are_clipped_and_logged_losses_average_the_micro_batches(tmp_p
         inner.step = step
         run.distiller = Recording(run.distiller)
 
-    run_cfg(cfg, callbacks=[StepEnd()], patch=patch)
+    run, _ = run_cfg(cfg, callbacks=[StepEnd()], patch=patch)
+    assert run.state.samples_seen == 8  # 2 steps of the global batch, 4
     assert len(seen["norms"]) == 2 and all(n <= 0.001 * (1 + 1e-4) for n in seen["norms"])
     assert all(before > 0.01 for _, before in seen["steps"])  # the logged norm: before clipping, far above
     assert len(seen["totals"]) == 4
@@ -379,6 +380,10 @@ def test_ema_checkpoint_saves_the_average_and_leaves_the_live_weights_untouched(
     assert any(not torch.equal(p, q) for p, q in zip(saved.parameters(), run.unwrapped.parameters(), strict=True))
     for p, e in zip(saved.parameters(), expected, strict=True):
         torch.testing.assert_close(p, e)
+    raw = UNet2DConditionModel.from_pretrained(path / "student")  # student/ keeps the live weights
+    for k, p in raw.named_parameters():
+        assert torch.equal(p, live[k]), k
+    assert any(not torch.equal(p, q) for p, q in zip(raw.parameters(), saved.parameters(), strict=True))
     exported = UNet2DConditionModel.from_pretrained(Path(summary["export_dir"]) / "unet")  # the run's own export
     for p, q in zip(exported.parameters(), saved.parameters(), strict=True):
         assert torch.equal(p, q)
@@ -906,3 +911,47 @@ def test_a_replaced_folder_is_deleted_only_after_the_new_one_is_on_disk(tmp_path
             ("fsync", str(new))} <= set(order[:first_rename])
     assert order[first_rename:] == [("rename", str(final), str(aside)), ("rename", str(new), str(final)),
                                     ("fsync", str(tmp_path)), ("rmtree", str(aside))]
+
+
+def _fake_checkpoint(run: Path, step: int) -> Path:
+    """A checkpoint folder as checkpoint_problem reads it: meta.json listing a file and its size."""
+    from train.checkpoint import checkpoint_name
+
+    ckpt = run / "checkpoints" / checkpoint_name(step)
+    ckpt.mkdir(parents=True)
+    (ckpt / "random_states_0.pkl").write_bytes(bytes(16))
+    (ckpt / "meta.json").write_text(json.dumps({"step": step, "files": {"random_states_0.pkl": 16}}))
+    return ckpt
+
+
+def test_a_rollback_keeps_its_checkpoint_and_each_rollback_gets_its_own_folder(tmp_path):
+    """Resumed at step 4: the later checkpoints go aside, step 4 and earlier stay (a kill before the next checkpoint
+    resumes at 4 again); a second rollback to step 4 sets its later checkpoints aside in a folder of their own."""
+    from train.checkpoint import list_checkpoints, set_aside_later
+
+    for step in (2, 4, 6, 8):
+        _fake_checkpoint(tmp_path, step)
+    first = set_aside_later(tmp_path, 4)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000002", "step_000000004"]
+    assert first.name == "abandoned_after_step_000000004"
+    assert sorted(p.name for p in first.iterdir()) == ["step_000000006", "step_000000008"]
+    _fake_checkpoint(tmp_path, 6)
+    second = set_aside_later(tmp_path, 4)
+    assert second.name == "abandoned_after_step_000000004_2" and [p.name for p in second.iterdir()] == [
+        "step_000000006"]
+    assert sorted(p.name for p in first.iterdir()) == ["step_000000006", "step_000000008"]  # untouched
+    assert set_aside_later(tmp_path, 4) is None
+
+
+def test_a_grown_file_is_damage_and_the_refusal_names_the_newest_whole_one_before(tmp_path):
+    from train.checkpoint import checkpoint_problem, damaged_refusal
+
+    for step in (2, 4, 6):
+        _fake_checkpoint(tmp_path, step)
+    damaged = tmp_path / "checkpoints" / "step_000000006"
+    assert checkpoint_problem(damaged) is None
+    with open(damaged / "random_states_0.pkl", "ab") as f:  # a longer file copied over it
+        f.write(bytes(8))
+    assert checkpoint_problem(damaged) == "random_states_0.pkl has 24 bytes, 16 were written"
+    line = damaged_refusal(damaged, checkpoint_problem(damaged))
+    assert f"train.resume={tmp_path / 'checkpoints' / 'step_000000004'} " in line
