@@ -454,3 +454,21 @@ def test_ending_the_pool_after_an_interrupt_never_waits_forever():
     assert time.monotonic() - started < 5
     pool._pool[0].join(5)
     assert pool._pool[0].exitcode is not None and not pool.joined  # killed; the stuck pool is not joined
+
+
+@pytest.mark.parametrize("opts, kept, reasons", [
+    (dict(min_side=40), {"wide", "tall", "square"}, {}),  # at the limit: kept
+    (dict(min_side=41), {"square"}, {"too_small": 2}),
+    (dict(max_aspect=1.0), {"tall", "square"}, {"bad_aspect": 1}),  # width / height
+    (dict(min_aspect=1.0), {"wide", "square"}, {"bad_aspect": 1}),
+    (dict(max_pixels=2300), {"wide", "tall"}, {"too_many_pixels": 1}),  # 40 x 56 = 2240, 48 x 48 = 2304
+])
+def test_each_filter_keeps_and_skips_the_images_it_names(tmp_path, opts, kept, reasons):
+    src = tmp_path / "src"
+    for name, (h, w) in {"wide": (40, 56), "tall": (56, 40), "square": (48, 48)}.items():
+        _write(src / f"{name}.png", encode_image(_image(len(name), h, w), "png"))
+        _write(src / f"{name}.txt", f"a {name} image")
+    summary = prep_shards(str(src), str(tmp_path / "out"), opts=PrepOptions(**opts))
+    captions = {s["txt"].decode().split()[1] for s in _read_shards(str(tmp_path / "out"))}
+    assert captions == kept and summary["written"] == len(kept)
+    assert summary["reasons"] == reasons and summary["skipped"] == sum(reasons.values())
