@@ -183,8 +183,9 @@ def test_img2dataset_output_is_resharded_and_filtered(tmp_path):
                 writer.write({"__key__": key, "jpg": data, "txt": b"alt", "json": json.dumps(meta).encode()})
                 n += 1
         (src / f"{shard:05d}.parquet").write_bytes(b"stats written by img2dataset, ignored")
+    (src / "00002.tar").write_bytes(b"not a tar archive" * 64)  # a shard that cannot be read: counted, not fatal
     summary = prep_shards(str(src), str(tmp_path / "out"), opts=PrepOptions(samples_per_shard=3, min_side=32))
-    assert summary["reasons"] == {"bad_image": 1, "too_small": 2}
+    assert summary["reasons"] == {"bad_image": 1, "too_small": 2, "tar_error": 1} and summary["skipped"] == 4
     assert summary["written"] == 5 and summary["shards"] == 2
     metas = [json.loads(s["json"]) for s in _read_shards(str(tmp_path / "out"))]
     assert [m["cogvlm_caption"] for m in metas] == [
