@@ -63,6 +63,33 @@ def test_eval_script_student_vs_teacher(ckpt, tiny_clip, tmp_path, monkeypatch):
     assert list((out / "wandb").glob("offline-run-*")) and not (tmp_path / "cwd" / "wandb").exists()
     md = (out / "report.md").read_text()
     assert "| teacher vs student (same seeds) |" in md and "| student |" in md
+    assert f"| mean over 4 images | {a['latent_mse']:.4f} | {a['psnr_db']:.2f} | {a['ssim']:.4f} |" in md
+
+    # each per-image figure again from the images the report saved: a model's CLIP score is 100 x the cosine of
+    # its own image with the prompt; PSNR is of the pixels in [0, 1]; latent MSE is not a pixel MSE
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    from distill.metrics import _features
+
+    model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+    for row in report["per_image"]:
+        pixels = {}
+        for role in ("student", "teacher"):
+            image = Image.open(out / role / f"{row['index']:04d}.png").convert("RGB")
+            pixels[role] = np.asarray(image, dtype=np.float64) / 255
+            inputs = processor(text=[row["prompt"]], images=[image], return_tensors="pt", padding=True,
+                               truncation=True, max_length=77)
+            with torch.no_grad():
+                img = _features(model.get_image_features(pixel_values=inputs["pixel_values"]))
+                txt = _features(model.get_text_features(input_ids=inputs["input_ids"],
+                                                        attention_mask=inputs["attention_mask"]))
+            cos = float(torch.nn.functional.cosine_similarity(img, txt, dim=-1)[0])
+            assert row[f"clip_score_{role}"] == pytest.approx(100 * max(cos, 0.0), abs=1e-3), (role, row)
+        mse = float(((pixels["student"] - pixels["teacher"]) ** 2).mean())
+        assert row["psnr_db"] == pytest.approx(10 * math.log10(1 / mse), abs=0.3)
+        assert row["latent_mse"] != pytest.approx(mse, rel=0.2) and row["latent_mse"] != pytest.approx(4 * mse, rel=0.2)
 
 
 def test_teacher_at_its_own_steps_and_guidance(tiny_dir, tmp_path):
