@@ -61,6 +61,9 @@ def test_tiny_bench_compares_plain_and_fast_through_the_trainer(tmp_path, monkey
     # FLOPs of the tiny teacher/student at batch 1 (same counter as the anchor), MFU from them
     assert result["tflop_per_img"] == pytest.approx(result["teacher_fwd_tflop"] + 3 * result["student_fwd_tflop"],
                                                     abs=1e-3)
+    for rec in (result, result["plain"]):  # MFU: the FLOPs of the images per second, over the stated peak
+        assert rec["mfu"] == pytest.approx(rec["tflop_per_img"] * rec["img_per_s"] / rec["peak_tflops"], rel=0.01)
+        assert rec["img_per_s"] == pytest.approx(rec["batch"] / rec["step_s"], rel=1e-3)
     # the same batch and generator through both configurations: the same losses
     assert result["loss_total"] == pytest.approx(result["plain"]["loss_total"], rel=1e-5)
     assert sorted(p.name for p in out.iterdir()) == ["bench_train_t.json", "bench_train_t.md"]  # partials gone
@@ -206,3 +209,12 @@ def test_bad_counts_are_one_usage_line(args, capsys):
     with pytest.raises(SystemExit) as info:
         parse(args)
     assert info.value.code == 2 and f"error: {args[0]} must be" in capsys.readouterr().err
+
+
+def test_phase_rates_count_the_backward_as_twice_the_student_forward():
+    from train.bench import phase_tflops
+
+    rates = phase_tflops({"teacher_fwd": 0.5, "student_fwd": 0.25, "backward": 1.0, "data": 0.1}, 2 * 10**12,
+                         10**12, batch=4)
+    assert rates == {"teacher_fwd": pytest.approx(16.0), "student_fwd": pytest.approx(16.0),
+                     "backward": pytest.approx(8.0)}
