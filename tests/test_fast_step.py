@@ -42,8 +42,8 @@ def _loss_and_grads(cfg, batch):
     grads = {n: p.grad.detach().clone() for n, p in run.unwrapped.named_parameters() if p.grad is not None}
     assert set(grads) == {n for n, p in run.unwrapped.named_parameters() if p.requires_grad}  # every one
     features_after_backward = dict(run.distiller.tap_s.features)
-    modules = list(run.unwrapped.modules()) + list(run.teacher.unet.modules())
-    switched = {"compiled": sum(getattr(m, "_koala_compiled", False) for m in modules),
+    switched = {"compiled": sum(getattr(m, "_koala_compiled", False) for m in run.unwrapped.modules()),
+                "teacher_compiled": sum(getattr(m, "_koala_compiled", False) for m in run.teacher.unet.modules()),
                 "checkpointed": sum(getattr(m, "gradient_checkpointing", False) for m in run.unwrapped.modules()),
                 "channels_last": run.unwrapped.conv_in.weight.is_contiguous(memory_format=torch.channels_last)}
     run.distiller.close()
@@ -73,8 +73,9 @@ def test_fast_switches_give_the_same_losses_and_gradients(tmp_path, tiny_shards)
     plain = _loss_and_grads(plain_cfg, copy.deepcopy(batch))
     fast = _loss_and_grads(_cfg(tmp_path, tiny_shards, "fast", *FAST_SWITCHES), copy.deepcopy(batch))
     _assert_same_step(plain, fast, rtol=1e-5, atol=1e-6)
-    assert plain[3] == {"compiled": 0, "checkpointed": 0, "channels_last": False}
-    assert fast[3]["compiled"] > 0 and fast[3]["checkpointed"] > 0 and fast[3]["channels_last"]
+    assert plain[3] == {"compiled": 0, "teacher_compiled": 0, "checkpointed": 0, "channels_last": False}
+    assert fast[3]["compiled"] > 0 and fast[3]["teacher_compiled"] > 0  # student and teacher, each
+    assert fast[3]["checkpointed"] > 0 and fast[3]["channels_last"]
     # recomputation under checkpointing did not fire the taps again (nothing kept alive after the step;
     # diffusers' own checkpointing function refills them during the backward pass)
     assert fast[2] == {}
@@ -201,6 +202,11 @@ def test_selective_checkpointing_switches_only_the_named_stages(tiny_unets):
                for n, m in student.named_modules() if n in on)
     with pytest.raises(ValueError, match="no stage 'UP-9'"):
         enable_checkpointing(student, ["UP-9"])
+    two = copy.deepcopy(tiny_unets[1])
+    enable_checkpointing(two, ["DW-1", "UP-1"])  # every named stage, and only those
+    on = {n.split(".")[0] + "." + n.split(".")[1] for n, m in two.named_modules()
+          if getattr(m, "gradient_checkpointing", False)}
+    assert on == {"down_blocks.0", "up_blocks.0"}
     no_mid = copy.deepcopy(student)
     no_mid.mid_block = None
     with pytest.raises(ValueError, match="no mid block"):
