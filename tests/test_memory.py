@@ -74,7 +74,7 @@ def test_each_memory_switch_moves_the_estimate_the_right_way():
     ema = _estimate("train.ema=true")
     assert bigger["activations_gib"] > 1.5 * base["activations_gib"]
     assert recompute["activations_gib"] < base["activations_gib"]
-    assert accumulate["accum"] == 2 and accumulate["peak_gib"] >= base["peak_gib"]
+    assert accumulate["accum"] == 2 and accumulate["peak_gib"] > base["peak_gib"]  # 2nd forward + gradients
     assert ema["ema_gib"] == pytest.approx(base["gradients_gib"], abs=6e-4)  # an fp32 copy of the student
     assert ema["peak_gib"] == pytest.approx(base["peak_gib"] + ema["ema_gib"], abs=1.1e-3)
 
