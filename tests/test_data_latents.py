@@ -38,7 +38,7 @@ def _latent_samples(folder: str) -> dict[str, dict]:
 
 
 def test_latents_equal_the_vae_encoding_of_the_same_crop(tiny_pipeline_dir, raw_shards, tmp_path):
-    cfg = DataConfig(shards=raw_shards, resolution=RES, random_crop=True)
+    cfg = DataConfig(shards=raw_shards, resolution=RES, random_crop=True, random_flip=True)
     out = str(tmp_path / "latents")
     summary = make_latents(
         str(tiny_pipeline_dir), raw_shards, out, cfg, batch_size=2, device="cpu", storage="float32", seed=SEED
@@ -50,13 +50,15 @@ def test_latents_equal_the_vae_encoding_of_the_same_crop(tiny_pipeline_dir, raw_
     raws = {s["__key__"]: s for s in wds.tarfile_samples([{"url": f"{raw_shards}/{i:06d}.tar"} for i in range(3)])}
     latent_samples = _latent_samples(out)
     assert sorted(latent_samples) == sorted(raws)
-    corners = set()
+    corners, flips = set(), set()
     for key, sample in latent_samples.items():
         meta = json.loads(sample["json"])
         example = decoder(raws[key], sample_rng(SEED, key))  # the same seeded crop
         assert meta["crop_top_left"] == list(example.crop_top_left)
         assert meta["original_size"] == list(example.original_size)
         assert meta["target_size"] == [RES, RES]
+        assert meta["flipped"] == example.flipped
+        flips.add(example.flipped)
         corners.add(tuple(meta["crop_top_left"]))
         pixels = collate([((0, 0, 0), example)])["pixel_values"]
         expected = encode_images(vae, pixels, sample=True, generator=[latent_generator(SEED, key)])[0]
@@ -68,6 +70,7 @@ def test_latents_equal_the_vae_encoding_of_the_same_crop(tiny_pipeline_dir, raw_
         torch.testing.assert_close(torch.from_numpy(_npy(sample["prompt_embeds.npy"])), prompt_embeds[0])
         torch.testing.assert_close(torch.from_numpy(_npy(sample["pooled_prompt_embeds.npy"])), pooled[0])
     assert len(corners) > 1, "seeded random crops should differ between samples"
+    assert flips == {True, False}
     empty = np.load(f"{out}/empty_prompt.npz")
     prompt_embeds, pooled = encode_prompts(tokenizers, encoders, [""])
     torch.testing.assert_close(torch.from_numpy(empty["prompt_embeds"]), prompt_embeds[0])
