@@ -137,3 +137,27 @@ def _nan_patch(at_steps: set[int]):
         run.distiller = _NanSteps(run, run.distiller, at_steps)
 
     return patch
+
+
+def record_file_ops(monkeypatch) -> list[tuple[str, ...]]:
+    """("fsync", path), ("rename", source, target) and ("replace", source, target) in the order this process does
+    them (paths read back from /proc/self/fd; the test is skipped where there is none)."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("reads file names back from /proc/self/fd")
+    events: list[tuple[str, ...]] = []
+    real = {"fsync": os.fsync, "rename": os.rename, "replace": os.replace}
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real["fsync"](fd)
+
+    def renamer(name):
+        def move(src, dst, *args, **kwargs):
+            events.append((name, str(src), str(dst)))
+            return real[name](src, dst, *args, **kwargs)
+        return move
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", renamer("rename"))
+    monkeypatch.setattr(os, "replace", renamer("replace"))
+    return events

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import record_file_ops
 from PIL import Image
 
 from data.config import DataConfig
@@ -409,13 +410,7 @@ def test_text_and_shards_are_flushed_before_their_rename(tmp_path, monkeypatch):
     reaches the disk before the name, and the name after the rename."""
     from distill.files import replace_durably, write_text_atomic
 
-    if not os.path.isdir("/proc/self/fd"):
-        pytest.skip("reads file names back from /proc/self/fd")
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-                        or real_fsync(fd))
-    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    events = record_file_ops(monkeypatch)
     target = tmp_path / "progress.json"
     write_text_atomic(target, "{}")
     (tmp_path / "000000.tar.partial").write_bytes(b"x" * 10)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import record_file_ops
 from safetensors.torch import load_file
 
 from train.callbacks import Callback
@@ -849,33 +850,12 @@ def test_a_run_file_that_cannot_be_written_is_one_line(tmp_path, demo_shards, ti
     assert len(err) == 1 and f"{out / 'config.yaml'} could not be written: Is a directory" in err[0], err
 
 
-def _record_flushes(monkeypatch) -> list[tuple[str, ...]]:
-    """("fsync", path) and ("rename", source, target) in the order the process does them."""
-    import os
-
-    events: list[tuple[str, ...]] = []
-    real_fsync, real_rename = os.fsync, os.rename
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        return real_fsync(fd)
-
-    def rename(src, dst, *args, **kwargs):
-        events.append(("rename", str(src), str(dst)))
-        return real_rename(src, dst, *args, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "rename", rename)
-    return events
-
-
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads file names back from /proc/self/fd")
 def test_a_checkpoint_reaches_the_disk_before_its_name_does(tmp_path, demo_shards, tiny_pipeline_dir, monkeypatch):
     """A crash or power cut after the rename must not leave a checkpoint of empty files under a complete name (the
     older ones may have been pruned): every file and folder of it is flushed before the rename, and the folder's
     entries after it."""
     cfg = tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, "train.max_steps=1", "train.checkpoint_every=0")
-    events = _record_flushes(monkeypatch)
+    events = record_file_ops(monkeypatch)
     run_cfg(cfg)
     final = tmp_path / "checkpoints" / "step_000000001"
     tmp = str(tmp_path / "checkpoints" / ".tmp-step_000000001")
@@ -886,7 +866,6 @@ def test_a_checkpoint_reaches_the_disk_before_its_name_does(tmp_path, demo_shard
     assert ("fsync", str(final.parent)) in events[at:]
 
 
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads file names back from /proc/self/fd")
 def test_a_replaced_folder_is_deleted_only_after_the_new_one_is_on_disk(tmp_path, monkeypatch):
     """swap_into_place (checkpoints of the same step, exports): the new folder's files are flushed before any
     rename, and the renames before the older whole folder is deleted."""
@@ -899,7 +878,7 @@ def test_a_replaced_folder_is_deleted_only_after_the_new_one_is_on_disk(tmp_path
     for folder, text in ((new, "new"), (final, "old")):
         (folder / "sub").mkdir(parents=True)
         (folder / "sub" / "weights.bin").write_text(text)
-    events = _record_flushes(monkeypatch)
+    events = record_file_ops(monkeypatch)
     real_rmtree = shutil.rmtree
     monkeypatch.setattr(distill.files.shutil, "rmtree",
                         lambda path, **kw: events.append(("rmtree", str(path))) or real_rmtree(path, **kw))
