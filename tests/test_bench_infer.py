@@ -20,6 +20,7 @@ from distill.inference_bench import (
     run_bench,
     sdpa_backend,
     speed_up_unet,
+    time_it,
     unet_configs,
 )
 from distill.students import build_unet, count_params
@@ -91,6 +92,20 @@ def test_speed_switches_keep_the_result():
             results.append(denoise(unet, scheduler, x, cond, steps=1, guidance_scale=5.0))
     assert torch.allclose(results[0], results[1], atol=1e-3)
     assert any(type(m.processor).__name__.startswith("Fused") for m in unet.modules() if hasattr(m, "processor"))
+
+
+def test_latency_is_the_median_of_the_timed_runs_after_warm_up(monkeypatch):
+    from distill import inference_bench
+
+    clock = [0.0]
+    durations = iter([50.0, 1.0, 7.0, 2.0])  # one warm-up run, then three timed ones (s)
+    monkeypatch.setattr(inference_bench.time, "perf_counter", lambda: clock[0])
+
+    def run() -> None:
+        clock[0] += next(durations)
+
+    t = time_it(run, torch.device("cpu"), warmup=1, repeats=3)
+    assert (t.median_s, t.min_s, t.max_s, t.runs, t.peak_gib) == (2.0, 1.0, 7.0, 3, None)
 
 
 def test_cuda_graphs_need_compile():

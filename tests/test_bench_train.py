@@ -211,6 +211,13 @@ def test_bad_counts_are_one_usage_line(args, capsys):
     assert info.value.code == 2 and f"error: {args[0]} must be" in capsys.readouterr().err
 
 
+def test_step_time_is_the_median_step_and_img_per_s_follows_it():
+    from train.bench import step_stats
+
+    stats = step_stats([2.0, 0.5, 9.0, 1.0, 1.5], batch=32)  # one slow step (a recompile) must not move it
+    assert stats == {"step_s": 1.5, "step_s_min": 0.5, "step_s_max": 9.0, "img_per_s": pytest.approx(32 / 1.5)}
+
+
 def test_phase_rates_count_the_backward_as_twice_the_student_forward():
     from train.bench import phase_tflops
 

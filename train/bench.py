@@ -295,6 +295,13 @@ def time_steps(step: Callable[[], Any], device: torch.device, n: int) -> list[fl
     return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(n)]
 
 
+def step_stats(times: list[float], batch: int) -> dict[str, float]:
+    """Step time (s) as the median of the timed steps, so one slow step (a recompile, a GC pause, a neighbour on
+    the node) does not move it, with their min and max; img/s = `batch` images over the median step. Unrounded."""
+    med = statistics.median(times)
+    return {"step_s": med, "step_s_min": min(times), "step_s_max": max(times), "img_per_s": batch / med}
+
+
 def phase_tflops(phases: dict[str, float], teacher_flops: int, student_flops: int, batch: int
                  ) -> dict[str, float]:
     """Achieved TFLOP/s of the compute phases: the teacher's and the student's forward, and the backward pass
@@ -348,7 +355,7 @@ def measure(cfg: Any, bc: BenchConfig, profile: str, flops: tuple[int, int], log
     run.distiller.phases = None
     phases = {k: v / bc.steps for k, v in timer.totals().items()}
     tr = cfg.train
-    med = statistics.median(times)
+    stats = step_stats(times, tr.global_batch_size)
     teacher_flops, student_flops = flops
     per_img = teacher_flops + 3 * student_flops
     skip = run.device_skip or None
@@ -360,12 +367,11 @@ def measure(cfg: Any, bc: BenchConfig, profile: str, flops: tuple[int, int], log
         "teacher_dtype": cfg.teacher.dtype, "options": {k: _plain(tr[k]) for k in OPTION_KEYS},
         "warmup": bc.warmup, "steps": bc.steps, "setup_s": round(setup_s, 2),
         "first_step_s": round(warm[0], 3) if warm else None,
-        "step_s": round(med, 4), "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
-        "img_per_s": round(tr.global_batch_size / med, 3),
+        **{k: round(v, 3 if k == "img_per_s" else 4) for k, v in stats.items()},
         "wall_img_per_s": round(tr.global_batch_size * bc.steps / wall, 3),
         "teacher_fwd_tflop": _sig(teacher_flops / 1e12), "student_fwd_tflop": _sig(student_flops / 1e12),
         "tflop_per_img": _sig(per_img / 1e12), "peak_tflops": bc.peak_tflops,
-        "mfu": _sig(per_img * tr.global_batch_size / med / (bc.peak_tflops * 1e12)),
+        "mfu": _sig(per_img * stats["img_per_s"] / (bc.peak_tflops * 1e12)),
         "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
         "peak_gib_warmup": round(peak_warm, 2) if peak_warm is not None else None,
         "reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2) if cuda else None,
