@@ -16,7 +16,7 @@ from PIL import Image
 
 from data.config import DataConfig
 from data.demo import DEMO_IMAGES
-from data.prep import PrepOptions, prep_shards
+from data.prep import PrepOptions, prep_shards, report_lines
 from data.stream import build_loader
 from data.synthetic import encode_image, synthetic_image
 from scripts import make_demo_data, prep_data
@@ -468,3 +468,15 @@ def test_each_filter_keeps_and_skips_the_images_it_names(tmp_path, opts, kept, r
     captions = {s["txt"].decode().split()[1] for s in _read_shards(str(tmp_path / "out"))}
     assert captions == kept and summary["written"] == len(kept)
     assert summary["reasons"] == reasons and summary["skipped"] == sum(reasons.values())
+
+
+def test_the_report_names_a_few_examples_of_each_skip_reason(tmp_path):
+    src = tmp_path / "src"
+    for i in range(7):  # seven images without a caption, one with
+        _write(src / f"n{i}.png", encode_image(_image(i), "png"))
+    _write(src / "ok.png", encode_image(_image(9), "png"))
+    _write(src / "ok.txt", "a caption")
+    summary = prep_shards(str(src), str(tmp_path / "out"))
+    assert summary["written"] == 1 and summary["reasons"] == {"no_caption": 7}
+    assert summary["examples"] == {"no_caption": [f"n{i}.png" for i in range(5)]}  # the first five, not all
+    assert report_lines(summary)[0] == "skipped 7 no_caption: e.g. n0.png, n1.png, n2.png, n3.png, n4.png"
