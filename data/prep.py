@@ -191,7 +191,7 @@ def manifest_records(
 
 def img2dataset_records(root: str, skips: Counter[str]) -> Iterator[SourceRecord]:
     """Samples of the *.tar shards of an img2dataset output folder (its "files" layout is a plain folder)."""
-    tars = sorted(glob.glob(os.path.join(root, "**", "*.tar"), recursive=True))
+    tars = sorted(glob.glob(os.path.join(glob.escape(root), "**", "*.tar"), recursive=True))
 
     def on_error(exc: Exception) -> bool:
         skips["tar_error"] += 1
@@ -220,7 +220,7 @@ def detect_format(src: str) -> str:
         raise ValueError(f"{src}: a source file must be a .parquet or .jsonl manifest")
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source {src} does not exist")
-    if glob.glob(os.path.join(src, "**", "*.tar"), recursive=True):
+    if glob.glob(os.path.join(glob.escape(src), "**", "*.tar"), recursive=True):
         return "img2dataset"
     return "folder"
 
@@ -355,9 +355,9 @@ def _prepare_out(out: str, overwrite: bool, made_with: dict[str, Any]) -> dict[s
     whole shards and return its progress (to resume). Anything else already there is a FileExistsError unless
     `overwrite`."""
     os.makedirs(out, exist_ok=True)
-    existing = sorted(glob.glob(os.path.join(out, "*.tar")))
+    existing = sorted(glob.glob(os.path.join(glob.escape(out), "*.tar")))  # a folder named [1] is no pattern
     progress_path = os.path.join(out, PROGRESS_FILE)
-    partials = glob.glob(os.path.join(out, "*.tar" + _PARTIAL))
+    partials = glob.glob(os.path.join(glob.escape(out), "*.tar" + _PARTIAL))
     if not overwrite and os.path.exists(progress_path) and not os.path.exists(os.path.join(out, "stats.json")):
         try:
             with open(progress_path) as f:
@@ -424,6 +424,11 @@ def write_shards(
     for _ in range(consumed):  # read again, not checked again; skips found while reading are counted
         if next(records, None) is None:
             break
+    progress_path = os.path.join(out, PROGRESS_FILE)
+    if not progress:  # before the first shard is named: a stop right after that rename must still resume here
+        write_text_atomic(progress_path, json.dumps({
+            "made_with": made_with, "consumed": 0, "written": 0, "shards": 0, "reasons": {}, "examples": {},
+            "without_default_caption": 0}, indent=1))
     writer = _ShardWriter(out, opts.samples_per_shard, first_shard)
     jobs = ((record, opts) for record in records)
     # Workers ignore Ctrl-C (it reaches the whole process group): one that died of it could take its task, or the
@@ -447,7 +452,7 @@ def write_shards(
                 continue
             uncaptioned += not _has_training_caption(result)
             if writer.write({"__key__": f"{opts.key_prefix}{written:09d}", **result}):
-                write_text_atomic(os.path.join(out, PROGRESS_FILE), json.dumps({
+                write_text_atomic(progress_path, json.dumps({
                     "made_with": made_with, "consumed": consumed, "written": written + 1,
                     "shards": writer.next_index, "reasons": dict(checked), "examples": examples,
                     "without_default_caption": uncaptioned}, indent=1))
@@ -482,12 +487,15 @@ def prep_shards(src: str, out: str, fmt: str | None = None, opts: PrepOptions | 
     """Build shards in `out` from `src` ('folder' | 'manifest' | 'img2dataset', detected when None)."""
     opts = opts or PrepOptions()
     fmt = fmt or detect_format(src)
-    if fmt == "img2dataset" and os.path.realpath(src) == os.path.realpath(out):
-        raise ValueError(f"--out {out} is the source folder: its shards would be replaced (with --overwrite, deleted) "
-                         "before they are read; write to another folder")
-    if fmt == "img2dataset" and os.path.realpath(out).startswith(os.path.realpath(src) + os.sep):
-        raise ValueError(f"--out {out} is inside the source folder {src}: its new shards would be read as source "
-                         "shards; write outside it")
+    if os.path.isdir(src) and os.path.realpath(src) == os.path.realpath(out):
+        raise ValueError(f"--out {out} is the source folder: " + (
+            "its shards would be replaced (with --overwrite, deleted) before they are read" if fmt == "img2dataset"
+            else "the new shards would make it an img2dataset source the next run reads") + "; write to another folder")
+    if os.path.isdir(src) and os.path.realpath(out).startswith(os.path.realpath(src) + os.sep):
+        # img2dataset: the new shards would be read as source shards; a folder: they would turn the source into an
+        # img2dataset one on the next run, so the same command could not resume
+        raise ValueError(f"--out {out} is inside the source folder {src}: its new shards would be read back as "
+                         "source; write outside it")
     skips: Counter[str] = Counter()
     if fmt == "folder":
         records: Iterable[SourceRecord] = folder_records(src)
@@ -520,8 +528,10 @@ def source_identity(src: str, fmt: str) -> dict[str, Any]:
             path = os.path.join(d, name)
             if fmt == "img2dataset" and name.endswith(".tar"):
                 digest.update(f"{os.path.relpath(path, src)}\0{os.path.getsize(path)}\n".encode())
-            elif fmt == "folder" and name.lower().endswith(READABLE_EXTENSIONS):
-                digest.update(f"{os.path.relpath(path, src)}\n".encode())
+            elif fmt == "folder" and name.lower().endswith((*READABLE_EXTENSIONS, ".txt", ".json")):
+                # caption sidecars too: one added or edited since the stop would reach only the records after it
+                stat = os.stat(path)
+                digest.update(f"{os.path.relpath(path, src)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             else:
                 continue
             files += 1

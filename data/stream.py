@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import glob
+import hashlib
 import itertools
 import logging
 import math
@@ -100,10 +101,12 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
         if source.startswith("pipe:") or "://" in source:
             urls.extend(braceexpand.braceexpand(source))
         elif os.path.isdir(source):
-            urls.extend(sorted(glob.glob(os.path.join(source, "*.tar"))))
+            urls.extend(sorted(glob.glob(os.path.join(glob.escape(source), "*.tar"))))  # a folder named [1]: no pattern
         else:
             for path in braceexpand.braceexpand(source):
-                urls.extend(sorted(glob.glob(path)) if any(c in path for c in _GLOB_CHARS) else [path])
+                # a file that exists is itself, even when its name holds a pattern character (shards[1]/000000.tar)
+                pattern = any(c in path for c in _GLOB_CHARS) and not os.path.exists(path)
+                urls.extend(sorted(glob.glob(path)) if pattern else [path])
     local = [u for u in urls if not (u.startswith("pipe:") or "://" in u)]
     missing = [u for u in local if not os.path.exists(u)]
     if missing:
@@ -414,7 +417,7 @@ class Loader:
                 f"workers = {readers} readers each need at least one: set data.resampled=true, use fewer "
                 f"workers, or re-shard into >= {readers} shards (make data ... --samples-per-shard smaller)"
             )
-        self._identity = stream_identity(cfg, num_shards=len(self.shards), batch_size=batch_size, rank=rank,
+        self._identity = stream_identity(cfg, shards=self.shards, batch_size=batch_size, rank=rank,
                                          world_size=world_size, seed=seed)
         # Read once here, so every reader (and a resumed one) skips the same misshapen latent samples.
         self.latent_shapes = latent_shapes(self.shards) if cfg.kind == "latents" else None
@@ -486,10 +489,12 @@ class Loader:
             raise NoUsableSamples(one_line(exc)) from None
 
 
-def stream_identity(cfg: Any, *, num_shards: int, batch_size: int, rank: int, world_size: int, seed: int
+def stream_identity(cfg: Any, *, shards: Sequence[str], batch_size: int, rank: int, world_size: int, seed: int
                     ) -> dict[str, Any]:
     """What a saved loader state must match for an exact resume: the layout (rank, processes, workers per rank,
-    batch size) and the stream (seed, number of shards, resampling, kind)."""
+    batch size) and the stream (seed, the shards' number and names in order, shuffle buffer and group, resampling,
+    kind). A saved position is an index into the stream these fix: with any of them changed it would name other
+    samples, dropping some and repeating others."""
     return {
         "version": STATE_VERSION,
         "rank": rank,
@@ -497,15 +502,24 @@ def stream_identity(cfg: Any, *, num_shards: int, batch_size: int, rank: int, wo
         "num_workers": max(1, cfg.num_workers),
         "seed": seed,
         "batch_size": batch_size,
-        "num_shards": num_shards,
+        "num_shards": len(shards),
+        # names, not paths: a data set moved to another mount resumes exactly
+        "shard_names": hashlib.sha256("\n".join(os.path.basename(u) for u in shards).encode()).hexdigest()[:16],
+        "shuffle_buffer": cfg.shuffle_buffer,
+        "shuffle_group_shards": cfg.shuffle_group_shards,
         "resampled": cfg.resampled,
         "kind": cfg.kind,
     }
 
 
+# Identity keys added after STATE_VERSION 1 was first written: a state saved without them is matched on the rest.
+_LATER_KEYS = frozenset({"shard_names", "shuffle_buffer", "shuffle_group_shards"})
+
+
 def state_mismatch(state: dict[str, Any], identity: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """key -> (saved, now) for every identity key on which a saved state differs; empty when it fits."""
-    return {k: (state.get(k), v) for k, v in identity.items() if state.get(k) != v}
+    return {k: (state.get(k), v) for k, v in identity.items()
+            if state.get(k) != v and not (k in _LATER_KEYS and k not in state)}
 
 
 def last_epoch(saved: Sequence[dict[str, Any]]) -> int:

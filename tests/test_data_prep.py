@@ -17,7 +17,7 @@ from PIL import Image
 from data.config import DataConfig
 from data.demo import DEMO_IMAGES
 from data.prep import PrepOptions, prep_shards, report_lines
-from data.stream import build_loader
+from data.stream import build_loader, expand_shards
 from data.synthetic import encode_image, synthetic_image
 from scripts import make_demo_data, prep_data
 
@@ -320,6 +320,10 @@ def test_a_killed_prep_resumes_into_the_shards_an_uninterrupted_one_writes(tmp_p
     with pytest.raises(FileExistsError, match="source"):
         prep_shards(str(src), str(out), opts=PrepOptions(**opts))
     os.remove(src / "3b.png")
+    _write(src / "1.json", '{"caption": "a caption given since"}')  # a sidecar added: record 1 would change
+    with pytest.raises(FileExistsError, match="source"):
+        prep_shards(str(src), str(out), opts=PrepOptions(**opts))
+    os.remove(src / "1.json")
 
     checked.clear()
     monkeypatch.setattr(prep, "check_record", lambda record, o: checked.append(record.name) or real_check(record, o))
@@ -333,6 +337,56 @@ def test_a_killed_prep_resumes_into_the_shards_an_uninterrupted_one_writes(tmp_p
         assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
     with pytest.raises(FileExistsError, match="already holds 3 shards"):  # finished: a rerun needs --overwrite
         prep_shards(str(src), str(out), opts=PrepOptions(**opts))
+
+
+def test_a_prep_stopped_as_its_first_shard_is_named_resumes(tmp_path, monkeypatch):
+    """The progress file was first written after the first shard's rename: a stop between the two left 000000.tar
+    without it, and the same command then refused the folder as another prep's. It is now written before any shard."""
+    from data import prep
+
+    src = tmp_path / "src"
+    for i in range(5):
+        _write(src / f"{i}.png", encode_image(_image(i), "png"))
+        _write(src / f"{i}.txt", f"caption {i}")
+    full = prep_shards(str(src), str(tmp_path / "full"), opts=PrepOptions(samples_per_shard=2))
+    real_write, calls = prep.write_text_atomic, []
+
+    def stopped_at_the_first_shards_progress(path, text):
+        calls.append(json.loads(text)["shards"])
+        if calls[-1] == 1:
+            raise KeyboardInterrupt  # 000000.tar renamed, its progress not yet written
+        real_write(path, text)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(prep, "write_text_atomic", stopped_at_the_first_shards_progress)
+    with pytest.raises(KeyboardInterrupt):
+        prep_shards(str(src), str(out), opts=PrepOptions(samples_per_shard=2))
+    assert "000000.tar" in os.listdir(out)
+    monkeypatch.setattr(prep, "write_text_atomic", real_write)
+    resumed = prep_shards(str(src), str(out), opts=PrepOptions(samples_per_shard=2))
+    assert {k: v for k, v in resumed.items() if k != "out"} == {k: v for k, v in full.items() if k != "out"}
+    for name in ("000000.tar", "000001.tar", "000002.tar"):
+        assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+
+
+def test_shards_into_a_folder_named_like_a_pattern_are_found(tmp_path):
+    """`out[1]` was read as a glob: a second prep without --overwrite found no shards there and replaced some of
+    the first one's, leaving the rest to be trained on; the loader found no shard in such a folder."""
+    src = tmp_path / "src"
+    for i in range(4):
+        _write(src / f"{i}.png", encode_image(_image(i), "png"))
+        _write(src / f"{i}.txt", f"caption {i}")
+    out = tmp_path / "out[1]"
+    assert prep_shards(str(src), str(out), opts=PrepOptions(samples_per_shard=1))["shards"] == 4
+    with pytest.raises(FileExistsError, match="already holds 4 shards"):
+        prep_shards(str(src), str(out), opts=PrepOptions(samples_per_shard=2))
+    assert expand_shards(str(out)) == [str(out / f"{i:06d}.tar") for i in range(4)]
+    assert expand_shards(str(out / "000002.tar")) == [str(out / "000002.tar")]
+    # a folder source's shards inside it (or in it) would make it an img2dataset source: the next run could not resume
+    for inside in (src / "shards", src):
+        with pytest.raises(ValueError, match="source folder"):
+            prep_shards(str(src), str(inside))
+    assert not (src / "shards").exists()
 
 
 def _interrupted_in_worker(record, opts):

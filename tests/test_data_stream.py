@@ -139,10 +139,34 @@ def test_state_from_another_setup_is_refused(uneven_shards):
         build_loader(_cfg(folder, num_workers=0), batch_size=2, rank=0, world_size=1, seed=1, state=loader.state_dict())
 
 
+@pytest.mark.parametrize("change", ["shuffle_buffer", "shuffle_group_shards", "renamed_shard"])
+def test_a_saved_position_is_refused_by_another_shuffle_or_shard_list(uneven_shards, tmp_path, change):
+    """A saved position indexes the shuffled stream: another buffer, group size or shard list would map it onto
+    other samples (some dropped, some read twice), so the state is refused, not replayed."""
+    folder, _ = uneven_shards
+    saved = build_loader(_cfg(folder, num_workers=1), batch_size=3, rank=0, world_size=1, seed=7)
+    _take(saved, 2)
+    state = json.loads(json.dumps(saved.state_dict()))
+    if change == "renamed_shard":  # the same number of shards, one of them another file
+        for name in os.listdir(folder):
+            os.link(os.path.join(folder, name), tmp_path / name)
+        os.rename(tmp_path / "000003.tar", tmp_path / "000099.tar")
+        now = _cfg(str(tmp_path), num_workers=1)
+    else:
+        now = _cfg(folder, num_workers=1, **{change: 3})
+    with pytest.raises(ValueError, match="does not match"):
+        build_loader(now, batch_size=3, rank=0, world_size=1, seed=7, state=state)
+    # a state from before these keys were recorded is matched on the others, and continues
+    for key in ("shard_names", "shuffle_buffer", "shuffle_group_shards"):
+        del state[key]
+    resumed = build_loader(_cfg(folder, num_workers=1), batch_size=3, rank=0, world_size=1, seed=7, state=state)
+    _assert_same_batches(_take(resumed, 2), _take(saved, 2))
+
+
 def test_a_new_layout_starts_at_the_next_epoch_and_reads_it_once(uneven_shards):
     """2 ranks x 2 workers stop inside epoch 0; 1 rank x 1 worker at another batch size continues with epoch 1,
     every sample of it exactly once, and carries rank 0's skip counts."""
-    from data.stream import last_epoch, next_epoch_state, stream_identity
+    from data.stream import expand_shards, last_epoch, next_epoch_state, stream_identity
 
     folder, all_keys = uneven_shards
     old = _cfg(folder, num_workers=2)
@@ -156,7 +180,7 @@ def test_a_new_layout_starts_at_the_next_epoch_and_reads_it_once(uneven_shards):
     saved[1]["readers"]["0"]["skips"] = {"too_small": 5}  # ... and by rank 1, which no longer exists
 
     new = _cfg(folder, num_workers=1, buckets=False)
-    identity = stream_identity(new, num_shards=7, batch_size=2, rank=0, world_size=1, seed=7)
+    identity = stream_identity(new, shards=expand_shards(folder), batch_size=2, rank=0, world_size=1, seed=7)
     state = next_epoch_state(saved, identity)
     with pytest.raises(ValueError, match="does not match"):  # the old state itself is refused by the new layout
         build_loader(new, batch_size=2, rank=0, world_size=1, seed=7, state=saved[0])

@@ -451,7 +451,7 @@ def data_identity(cfg: DictConfig, world_size: int, rank: int) -> dict[str, Any]
     from data.config import to_data_config
     from data.stream import expand_shards, stream_identity
 
-    return stream_identity(to_data_config(cfg.data), num_shards=len(expand_shards(cfg.data.shards)),
+    return stream_identity(to_data_config(cfg.data), shards=expand_shards(cfg.data.shards),
                            batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world_size,
                            seed=cfg.train.seed)
 
@@ -459,6 +459,8 @@ def data_identity(cfg: DictConfig, world_size: int, rank: int) -> dict[str, Any]
 # data-stream identity keys -> the setting that changes them
 _LAYOUT_KEYS = {"world_size": "processes", "num_workers": "data.num_workers (min 1)",
                 "batch_size": "train.micro_batch_size", "seed": "train.seed", "num_shards": "shards in data.shards",
+                "shard_names": "the shard files' names or order in data.shards",
+                "shuffle_buffer": "data.shuffle_buffer", "shuffle_group_shards": "data.shuffle_group_shards",
                 "resampled": "data.resampled", "kind": "data.kind", "version": "loader state version"}
 
 
