@@ -14,7 +14,7 @@ import torch
 from conftest import record_file_ops
 from safetensors.torch import load_file
 
-from train.callbacks import Callback
+from train.callbacks import Callback, ScalarLogger
 from train.config import ConfigError, load_config, validate
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -800,6 +800,43 @@ def test_a_second_run_into_a_live_runs_folder_is_one_line(tmp_path, demo_shards,
         holder.wait()
     assert _main_with_full_disk(out, demo_shards, tiny_pipeline_dir, monkeypatch, None, "train.max_steps=1",
                                 "train.export=false") == 0
+
+
+def test_the_logged_and_audited_lr_is_the_one_each_update_used(tmp_path, demo_shards, tiny_pipeline_dir):
+    """The scheduler steps at the end of each optimizer step, so its last LR then is the next update's: the logs
+    and the audit showed every LR one step early (a cosine run's last step logged 0)."""
+    from train.loop import lr_lambda
+
+    cfg = tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, "train.max_steps=4", "train.warmup_steps=2",
+                   "train.lr_schedule=cosine", "train.lr=1e-3", "train.log_every=1", "train.audit=true",
+                   "train.checkpoint_every=0", "train.ema=false")
+    used = []
+
+    class Used(Callback):
+        def on_update(self, run):  # after the optimizer step, before the scheduler's
+            used.append(run.lr_scheduler.optimizer.param_groups[0]["lr"])
+
+    run, _ = run_cfg(cfg, callbacks=[Used()])
+    assert used == pytest.approx([1e-3 * lr_lambda(2, 4, "cosine")(n) for n in range(4)])
+    assert used[-1] > 0
+    audit = [json.loads(x) for x in (tmp_path / "audit" / "rank0.jsonl").read_text().splitlines()]
+    assert [a["step"] for a in audit] == [1, 2, 3, 4] and [a["lr"] for a in audit] == used
+    logger = next(cb for cb in run.callbacks if isinstance(cb, ScalarLogger))
+    assert logger.last["lr"] == used[-1]
+
+
+def test_a_resume_takes_the_configs_ema_decay(tmp_path, demo_shards, tiny_pipeline_dir, capsys):
+    """EMAModel.load_state_dict restores the saved decay: a resume with another train.ema_decay averaged on at the
+    old one while meta.json recorded the new one. The config's decay now holds, and the run says so."""
+    common = ("train.checkpoint_every=1", "train.ema=true", "train.max_steps=3")
+    with pytest.raises(KeyboardInterrupt):
+        run_cfg(tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, *common, "train.ema_decay=0.99"),
+                callbacks=[StopAt(2)])
+    capsys.readouterr()
+    run, summary = run_cfg(tiny_cfg(tmp_path, demo_shards, tiny_pipeline_dir, *common, "train.ema_decay=0.5",
+                                    "train.resume=latest"))
+    assert summary["steps"] == 3 and run.ema.model.decay == 0.5
+    assert "note: from step 1 on, train.ema_decay 0.99 -> 0.5" in capsys.readouterr().out
 
 
 def test_a_resume_takes_the_configs_optimizer_settings(tmp_path, demo_shards, tiny_pipeline_dir, capsys):

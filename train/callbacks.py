@@ -99,7 +99,7 @@ class ScalarLogger(Callback):
         means = run.accelerator.reduce(stacked, reduction="mean").tolist()
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         logs = {f"loss/{k}": v for k, v in zip(names, means, strict=True)}
-        logs["lr"] = run.lr_scheduler.get_last_lr()[0]
+        logs["lr"] = run.last_lr  # the LR this step's update used
         if run.last_grad_norm is not None:
             logs["grad_norm"] = float(run.last_grad_norm)
         logs["img_per_s"] = (run.state.samples_seen - self._samples0) / elapsed
@@ -207,7 +207,7 @@ class Audit(Callback):
     def on_step_end(self, run: Run, losses: dict[str, Tensor]) -> None:
         import json
 
-        line = {"step": run.state.step, "lr": run.lr_scheduler.get_last_lr()[0], "keys": run.last_keys}
+        line = {"step": run.state.step, "lr": run.last_lr, "keys": run.last_keys}
         with self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")
 

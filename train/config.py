@@ -56,7 +56,10 @@ class TrainConfig:
     teacher_fp8: bool = False  # frozen teacher's linear layers in FP8 (e4m3, per-row scales; CUDA capability
     # >= 8.9 only, refused elsewhere): faster teacher forward at a small output error, see docs/PERFORMANCE.md
     ema: bool = False  # keep an exponential moving average of the student
-    ema_decay: float = 0.9999  # EMA decay per optimizer step
+    # EMA decay per optimizer step, reached gradually: diffusers' EMAModel uses min(ema_decay, (1 + n) / (10 + n))
+    # at update n, counted from 0 (0.5 at n = 8, 0.99 at n = 890, 0.9999 at n = 89,990), so the early average
+    # follows the weights
+    ema_decay: float = 0.9999
     checkpoint_every: int = 5000  # optimizer steps between checkpoints; 0 disables (a final one is still written)
     keep_last: int = 3  # checkpoints kept on disk (older ones are deleted); 0 keeps every one
     resume: str | None = None  # null | latest | path to a checkpoint folder

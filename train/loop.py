@@ -151,6 +151,7 @@ class Run:
     loader_iter: Any = None
     last_keys: list[str] = field(default_factory=list)  # sample keys of the last step (this rank)
     last_grad_norm: torch.Tensor | float | None = None  # a device scalar (read by the logger at log steps)
+    last_lr: float | None = None  # the LR of the last step's update (the scheduler has moved on to the next one)
     device_skip: Any = None  # distill.perf.DeviceSkip, or False where the host checks every update (set lazily)
     stop: StopFlag = field(default_factory=StopFlag)
     _components: dict[str, Any] | None = None
@@ -463,9 +464,13 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
         # load_state restores Accelerate's micro-batch counter, which decides the syncing micro-batch; checkpoints
         # are written between optimizer steps, so 0 is right, and a new accumulation count stays in phase
         accelerator.step = 0
-        if changed := apply_optimizer_settings(lr_scheduler, tr):
+        changed = apply_optimizer_settings(lr_scheduler, tr)
+        if ema is not None and ema.model.decay != tr.ema_decay:  # EMAModel.load_state_dict restored the saved one
+            changed.append(f"train.ema_decay {_short(ema.model.decay)} -> {_short(tr.ema_decay)}")
+            ema.model.decay = tr.ema_decay
+        if changed:
             say(f"note: from step {state.step} on, {'; '.join(changed)} (the config's values replace those the "
-                "checkpoint's optimizer held)")
+                "checkpoint held)")
         data_state = _resume_data_state(cfg, resume_from, accelerator.process_index, world, say)
         say(f"resumed from {resume_from} at step {state.step} ({state.samples_seen} samples seen)")
         saved = ((ckpt.read_meta(resume_from).get("config") or {}).get("train") or {}).get("global_batch_size")
@@ -803,6 +808,7 @@ def train_one_step(run: Run) -> dict[str, torch.Tensor]:
         else:  # not applied: a non-finite norm; or the GradScaler (fp16) or DeepSpeed skipped the update
             st.nonfinite_total += 1
             st.nonfinite_run += 1
+    run.last_lr = run.lr_scheduler.get_last_lr()[0]  # a list of floats: no device sync
     run.lr_scheduler.step()
     st.step += 1
     st.samples_seen += run.cfg.train.global_batch_size
