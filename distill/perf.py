@@ -164,6 +164,25 @@ def enable_checkpointing(unet: torch.nn.Module, stages: Sequence[str] = ()) -> i
 # ---------------------------------------------------------------------------------------------- FP8 teacher
 
 
+def sdpa_refusal(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str | None:
+    """Why attention restricted to SDPA backend `name` cannot run on `device` with `dtype` inputs (None when it
+    can): one tiny call, as the U-Nets' attention would make it (SDXL's 64-wide heads). Flash, for one, needs fp16
+    or bf16 and a recent GPU; cuDNN needs CUDA."""
+    if name == "auto":
+        return None
+    import warnings
+
+    try:
+        with sdpa_context(name), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch's per-kernel reasons: the refusal is the one line
+            q = torch.zeros(1, 2, 8, 64, device=device, dtype=dtype)
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except (RuntimeError, NotImplementedError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"train.sdpa_backend={name} cannot run on {torch.device(device)} with {dtype} inputs ({reason})"
+    return None
+
+
 def fp8_refusal(device: torch.device | str) -> str | None:
     """Why the FP8 teacher cannot run on `device` (None when it can: CUDA capability >= 8.9)."""
     device = torch.device(device)

@@ -289,6 +289,18 @@ def test_launch_problems_are_one_line_before_any_model(monkeypatch, capsys, demo
     assert torch.cuda.is_available() or "train.teacher_fp8=true needs a CUDA GPU" in lines[1]
     assert not Path("/proc/self").is_dir() or "cannot be created" in lines[-1]
 
+    # an SDPA backend this device lacks, and an 8-bit optimizer without its library: each was a traceback after the
+    # models had loaded
+    if not torch.cuda.is_available():
+        assert entry.main([*base, "train.sdpa_backend=cudnn"]) == 2
+    assert entry.launch_refusal(load_config([*base, "train.sdpa_backend=math"])) is None  # runs everywhere
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    assert entry.main([*base, "train.optimizer=adamw8bit"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert all(ln.startswith("config error: ") for ln in lines), lines
+    assert torch.cuda.is_available() or lines[0].startswith("config error: train.sdpa_backend=cudnn cannot run on cpu")
+    assert lines[-1].startswith("config error: train.optimizer=adamw8bit needs bitsandbytes")
+
 
 def test_unquoted_brace_pattern_says_how_to_quote_it():
     """The shell strips one level of quotes, so data.shards='/d/{0..3}.tar' reaches Hydra unquoted."""

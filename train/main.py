@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python train/main.py` from anywhere
 
@@ -40,6 +41,32 @@ def follow_launcher() -> bool:
     if os.getppid() != parent:  # the launcher died before the request (this process was re-parented): act now
         os.kill(os.getpid(), signal.SIGTERM)
     return True
+
+
+def launch_refusal(cfg: Any) -> str | None:
+    """What this process cannot run of `cfg` (None when nothing), found with the libraries and the device the run
+    will use: the FP8 teacher's GPU, the SDPA backend, the 8-bit optimizer's library. One line, with the fix."""
+    import torch
+
+    from distill.perf import fp8_refusal, sdpa_refusal
+
+    tr = cfg.train
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    if tr.teacher_fp8 and (refusal := fp8_refusal(device)):
+        return f"{refusal} (set train.teacher_fp8=false)"
+    # the attention inputs' dtype under autocast (Accelerate autocasts fp16 on GPUs only)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16 if device != "cpu" else torch.float32}.get(
+        tr.mixed_precision, torch.float32)
+    if refusal := sdpa_refusal(tr.sdpa_backend, device, dtype):
+        return f"{refusal}; set train.sdpa_backend=auto"
+    if tr.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as exc:  # not installed, or installed without a usable native library
+            return (f"train.optimizer=adamw8bit needs bitsandbytes, which cannot be imported here "
+                    f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}): "
+                    'pip install -e ".[lowmem]", or set train.optimizer=adamw')
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,14 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     follow_launcher()
     import torch
 
-    if cfg.train.teacher_fp8:  # said before any model loads, not after minutes of loading
-        from distill.perf import fp8_refusal
-
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-        if refusal := fp8_refusal(device):
-            if first_rank:
-                print(f"config error: {refusal} (set train.teacher_fp8=false)", file=sys.stderr)
-            return 2
+    if refusal := launch_refusal(cfg):  # said before any model loads, not after minutes of loading
+        if first_rank:
+            print(f"config error: {refusal}", file=sys.stderr)
+        return 2
     try:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a path the access check could not foresee (e.g. under /proc, a read-only mount)
