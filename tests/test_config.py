@@ -227,12 +227,15 @@ def test_empty_sample_prompts_are_refused_when_grids_are_drawn(demo_shards):
                           "train.sample_at_end=false"]))
 
 
-def test_a_warmup_longer_than_the_run_is_a_note_not_an_error():
+def test_settings_probably_not_meant_are_notes_not_errors():
     """The LR multiplier at the last step is max_steps / warmup_steps: the run trains, and says it."""
     assert config_notes(load_config(["train.max_steps=100", "train.warmup_steps=100"])) == []
     (note,) = config_notes(load_config(["train.max_steps=100", "train.warmup_steps=400",
                                         "train.lr_schedule=cosine"]))
     assert "rises to 0.25 x train.lr by the last step and never reaches train.lr or decays" in note
+    (note,) = config_notes(load_config(["train.optimizer=adamw8bit", "train.fused_adam=true"]))
+    assert note.startswith("note: train.fused_adam=true has no effect with train.optimizer=adamw8bit")
+    assert config_notes(load_config(["train.optimizer=adamw", "train.fused_adam=true"])) == []
 
 
 def test_batch_divisibility_depends_on_processes(demo_shards):

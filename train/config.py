@@ -320,6 +320,9 @@ def config_notes(cfg: DictConfig) -> list[str]:
         notes.append(f"note: train.warmup_steps={tr.warmup_steps} is more than train.max_steps={tr.max_steps}: the "
                      f"learning rate rises to {tr.max_steps / tr.warmup_steps:.3g} x train.lr by the last step and "
                      f"never reaches train.lr{' or decays' if tr.lr_schedule == 'cosine' else ''}")
+    if tr.fused_adam and tr.optimizer != "adamw":
+        notes.append(f"note: train.fused_adam=true has no effect with train.optimizer={tr.optimizer} (it is torch's "
+                     "fused AdamW kernel); non-finite updates are then checked on the host")
     return notes
 
 
