@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -338,6 +339,21 @@ def test_latent_shards_that_do_not_fit_the_teacher_are_one_line(tmp_path, change
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("setting", ["data.random_flip=true", "data.min_side=512", "data.syncap=true",
+                                     "data.score_filters=['aesthetic_score>=5']", "data.caption_fields=[txt]"])
+def test_raw_stream_settings_that_latent_shards_ignore_are_one_line(tmp_path, setting):
+    """Latent shards fixed their samples, crops and captions when they were made: a filter, flip or caption choice
+    set for the run was silently ignored, and the run trained on what it was meant to drop."""
+    from data.synthetic import write_synthetic_latent_shards
+
+    write_synthetic_latent_shards(str(tmp_path), num_shards=1, samples_per_shard=2, **TINY_LATENTS)
+    common = ["data.kind=latents", f"data.shards={tmp_path}", "data.num_workers=1"]
+    validate(load_config(common))
+    key = setting.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.* has no effect with data\.kind=latents"):
+        validate(load_config([*common, setting]))
 
 
 @pytest.mark.parametrize("kind", ["raw", "latents"])

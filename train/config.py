@@ -583,6 +583,8 @@ def _check_data(cfg: DictConfig, world_size: int) -> None:
         validate_config(to_data_config(cfg.data))
     except ValueError as exc:  # its messages name the data.* key
         raise ConfigError(str(exc).splitlines()[0]) from exc
+    if cfg.data.kind == "latents":
+        _check_latent_settings(cfg)
     try:
         shards = expand_shards(cfg.data.shards)
     except (ValueError, FileNotFoundError) as exc:
@@ -620,6 +622,27 @@ def _check_data(cfg: DictConfig, world_size: int) -> None:
                 raise ConfigError(f"distill.caption_dropout={cfg.distill.caption_dropout}: {path} is damaged "
                                   f"({problem}); run make latents again to rewrite it, or set "
                                   "distill.caption_dropout=0")
+
+
+# Raw-stream settings that latent shards fixed when `make latents` made them (which samples, crops and captions)
+_FIXED_BY_LATENTS = ("score_filters", "min_side", "min_aspect", "max_aspect", "max_pixels", "random_crop",
+                     "random_flip", "caption_fields", "syncap", "alt_text_fields")
+
+
+def _check_latent_settings(cfg: DictConfig) -> None:
+    """ConfigError naming a data.* setting the latent stream would ignore (a filter, the crop or flip, the caption
+    choice) while it differs from its default: the run would train on what the filter was meant to drop."""
+    from data.config import DataConfig
+
+    defaults = DataConfig()
+    for key in _FIXED_BY_LATENTS:
+        value = cfg.data[key]
+        value = list(value) if OmegaConf.is_list(value) else value
+        if value != getattr(defaults, key):
+            raise ConfigError(
+                f"data.{key}={value} has no effect with data.kind=latents: make latents fixed the samples, crops and "
+                "captions; filter the raw shards (make data) and caption them (make latents --syncap) before, or "
+                f"leave data.{key} unset")
 
 
 def _empty_prompt_problem(path: Path) -> str | None:
