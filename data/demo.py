@@ -18,6 +18,7 @@ from data.prep import PrepOptions, SourceRecord, write_shards
 
 # Three samples per shard -> 4 shards: enough for 2 ranks x 2 workers in exact (non-resampled) mode.
 DEMO_SAMPLES_PER_SHARD = 3
+DEMO_KEY_PREFIX = "demo"  # every demo sample's key starts with it (how a rebuild knows its own shards)
 
 
 @dataclass(frozen=True)
@@ -172,10 +173,31 @@ def demo_records(data_dir: str | None = None) -> list[SourceRecord]:
     return records
 
 
-def build_demo_shards(out: str, data_dir: str | None = None) -> dict[str, Any]:
-    """Write the demo shards into `out` (replacing earlier ones; the bytes are reproducible).
+def foreign_shard(out: str) -> str | None:
+    """The first shard in `out` that an earlier demo build did not write (its first sample's key lacks the demo's
+    prefix, or it cannot be read), or None: only the demo's own shards may be replaced."""
+    import glob
+    import tarfile
 
-    Returns the prep summary {"written", "skipped", "shards", "out", ...}.
+    for path in sorted(glob.glob(os.path.join(glob.escape(out), "*.tar"))):
+        try:
+            with tarfile.open(path) as tar:
+                first = tar.next()
+        except (OSError, tarfile.TarError):
+            return path
+        if first is None or not os.path.basename(first.name).startswith(DEMO_KEY_PREFIX):
+            return path
+    return None
+
+
+def build_demo_shards(out: str, data_dir: str | None = None) -> dict[str, Any]:
+    """Write the demo shards into `out` (replacing an earlier demo build's; the bytes are reproducible).
+
+    Returns the prep summary {"written", "skipped", "shards", "out", ...}. FileExistsError when `out` holds shards
+    the demo did not write (they are left alone).
     """
-    opts = PrepOptions(samples_per_shard=DEMO_SAMPLES_PER_SHARD, key_prefix="demo", overwrite=True)
+    if (other := foreign_shard(out)) is not None:
+        raise FileExistsError(f"{out} holds shards the demo did not write (e.g. {os.path.basename(other)}): give an "
+                              "empty folder or an earlier demo build's")
+    opts = PrepOptions(samples_per_shard=DEMO_SAMPLES_PER_SHARD, key_prefix=DEMO_KEY_PREFIX, overwrite=True)
     return write_shards(demo_records(data_dir), out, opts)

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for line in report_lines(build_demo_shards(args.out)):
             print(line, flush=True)
+    except FileExistsError as exc:  # another data set's shards: never deleted
+        parser.error(str(exc))
     except OSError as exc:  # a read-only or full disk, a folder that refuses new entries: one line, exit 2
         parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
 

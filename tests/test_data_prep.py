@@ -227,6 +227,17 @@ def test_demo_data_is_reproducible_and_loads(tmp_path, capsys):
     assert captions == {image.caption for image in DEMO_IMAGES}
 
 
+def test_demo_data_never_replaces_shards_it_did_not_write(tmp_path, image_folder, capsys):
+    """It rebuilt its folder with --overwrite: a user's own shards there were deleted without a word."""
+    mine = tmp_path / "mine"
+    prep_shards(str(image_folder), str(mine))
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    with pytest.raises(SystemExit) as info:
+        make_demo_data.main(["--out", str(mine)])
+    assert info.value.code == 2 and "holds shards the demo did not write (e.g. 000000.tar)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+
+
 def test_a_phone_mpo_photo_keeps_its_bytes_and_its_rotation(tmp_path):
     """Many phone JPEGs open as MPO (extra frames). They were re-encoded as PNG without their EXIF, so a photo
     taken upright trained sideways while its json gave the upright size; now their bytes are kept, as a JPEG's."""
