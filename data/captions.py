@@ -24,11 +24,12 @@ class SkipSample(Exception):
 
 
 def decode_text(data: bytes | None) -> str | None:
-    """UTF-8 bytes to str (None stays None); invalid UTF-8 raises SkipSample('bad_text')."""
+    """UTF-8 bytes to str (None stays None), without a leading byte-order mark (Windows editors write one; it
+    reached the tokenizer as junk, and json.loads refuses it); invalid UTF-8 raises SkipSample('bad_text')."""
     if data is None:
         return None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise SkipSample("bad_text", str(exc)) from exc
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from data.captions import SkipSample, check_scores, choose_caption
+from data.captions import SkipSample, check_scores, choose_caption, decode_json, decode_text
 from data.config import DataConfig, parse_score_filters, to_data_config, validate_config
 from data.decode import RawDecoder
 from data.synthetic import encode_image, synthetic_image
@@ -40,6 +40,17 @@ def test_preference_order_of_caption_fields():
     with pytest.raises(SkipSample) as info:
         choose_caption({"cogvlm_caption": ""}, "  ", FIELDS)
     assert info.value.reason == "no_caption"
+
+
+def test_a_byte_order_mark_is_not_part_of_a_caption():
+    """Windows editors start UTF-8 files with U+FEFF: it reached the tokenizer with the caption, defeated synCap's
+    same-text check, and made json.loads refuse a sidecar."""
+    bom = "\ufeff".encode()
+    assert decode_text(bom + b"a photo of a cat") == "a photo of a cat"
+    assert decode_json(bom + json.dumps({"caption": "a cat"}).encode()) == {"caption": "a cat"}
+    with pytest.raises(SkipSample) as info:
+        decode_text(b"\xff\xfe not utf-8")
+    assert info.value.reason == "bad_text"
 
 
 def test_syncap_appends_the_generated_caption_to_the_alt_text():
