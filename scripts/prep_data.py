@@ -14,12 +14,12 @@ import logging
 import sys
 from pathlib import Path
 
-from data.prep import PrepOptions, prep_shards, report_lines
+from data.prep import PrepOptions, detect_format, prep_shards, report_lines
 from distill.files import out_folder_problem
 from scripts import cli
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", required=True, help="image folder, .parquet/.jsonl manifest or img2dataset folder")
     parser.add_argument("--out", required=True, help="folder for the shards (000000.tar, ...)")
@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--format {args.format}: --src {args.src} is a file; give the folder")
     if problem := out_folder_problem("--out", args.out):
         parser.error(problem)
+    if args.image_column or args.image_root:  # read from manifests only: elsewhere they would do nothing
+        fmt = args.format or (detect_format(args.src) if src.exists() else None)
+        if fmt not in (None, "manifest"):
+            parser.error(f"--image-column and --image-root name a manifest's image paths; --src {args.src} is "
+                         f"a{'n' if fmt.startswith('i') else ''} {fmt} source")
     opts = PrepOptions(
         samples_per_shard=args.samples_per_shard,
         min_side=args.min_side,
@@ -57,8 +62,14 @@ def main(argv: list[str] | None = None) -> None:
         overwrite=args.overwrite,
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # resume and per-shard lines
-    for line in report_lines(prep_shards(args.src, args.out, args.format, opts)):
+    summary = prep_shards(args.src, args.out, args.format, opts)
+    for line in report_lines(summary):
         print(line, flush=True)
+    if summary["written"] == 0:  # every record was skipped: nothing to train on is a failed prep, not a success
+        print(f"error: none of the {summary['skipped']} source records was kept (reasons above): {args.out} holds no "
+              "shard", file=sys.stderr)
+        return 2
+    return 0
 
 
 def entry(argv: list[str] | None = None) -> int:

@@ -207,6 +207,21 @@ def test_img2dataset_output_is_resharded_and_filtered(tmp_path):
     assert sorted(p.name for p in src.iterdir()) == before
 
 
+def test_a_prep_that_keeps_nothing_or_ignores_a_flag_fails(image_folder, tmp_path, capsys):
+    """Every record skipped (a filter too strict) ended with exit code 0 and a folder holding no shard; the manifest
+    flags on a folder source did nothing."""
+    out = str(tmp_path / "out")
+    assert prep_data.entry(["--src", str(image_folder), "--out", out, "--min-side", "4096"]) == 2
+    captured = capsys.readouterr()
+    assert _last_json_line(captured.out)["written"] == 0 and "skipped 5 too_small" in captured.out
+    assert captured.err.strip().splitlines()[-1] == f"error: none of the 10 source records was kept (reasons above): " \
+                                                     f"{out} holds no shard"
+    for flag in ("--image-column", "--image-root"):
+        with pytest.raises(SystemExit) as info:
+            prep_data.main(["--src", str(image_folder), "--out", str(tmp_path / "o2"), flag, "x"])
+        assert info.value.code == 2 and "is a folder source" in capsys.readouterr().err
+
+
 def test_demo_data_is_reproducible_and_loads(tmp_path, capsys):
     out = tmp_path / "demo"
     make_demo_data.main(["--out", str(out)])
