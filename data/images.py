@@ -24,6 +24,7 @@ from data.captions import SkipSample
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+_TIFF_WIDTH, _TIFF_LENGTH = 256, 257  # ImageWidth, ImageLength: a TIFF's stored (unoriented) size
 _SIXTEEN_BIT_MAX = 65535
 _EIGHT_BIT_MAX = 255
 _WHITE = (255, 255, 255)
@@ -69,6 +70,13 @@ def open_image(data: bytes | None, max_pixels: int) -> Image.Image:
 def oriented_size(img: Image.Image) -> tuple[int, int]:
     """(height, width) of the image as displayed, i.e. after its EXIF orientation; reads no pixels."""
     width, height = img.size
+    tags = getattr(img, "tag_v2", None)
+    if tags is not None:  # a TIFF: Pillow reports its size already oriented (and drops the tag once it is loaded),
+        # so the displayed size comes from the stored one in its tags, turned by their orientation
+        swapped = tags.get(ExifTags.Base.Orientation, 1) in _SWAPPING_ORIENTATIONS
+        if swapped and _TIFF_WIDTH in tags and _TIFF_LENGTH in tags:
+            return int(tags[_TIFF_WIDTH]), int(tags[_TIFF_LENGTH])
+        return height, width
     try:
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # a broken EXIF block is not worth a skip; the pixels may be fine

@@ -279,6 +279,28 @@ def test_a_phone_mpo_photo_keeps_its_bytes_and_its_rotation(tmp_path):
     assert ex.original_size == (meta["height"], meta["width"]) == (64, 40)  # upright, as the json says
 
 
+def test_a_rotated_tiff_is_measured_upright_once(tmp_path):
+    """Pillow reports a TIFF's size already turned by its EXIF orientation, and prep turned it again: a portrait
+    scan was recorded as landscape and dropped by --max-aspect 1."""
+    import random
+
+    from data.decode import RawDecoder
+
+    pixels = _image(9, 40, 64)  # stored landscape, shown portrait (EXIF orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(pixels).save(src / "scan.tif", exif=exif.tobytes())
+    _write(src / "scan.txt", "a portrait scan")
+    summary = prep_shards(str(src), str(tmp_path / "out"), opts=PrepOptions(max_aspect=1.0))
+    assert summary["written"] == 1, summary
+    (sample,) = _read_shards(str(tmp_path / "out"))
+    meta = json.loads(sample["json"])
+    ex = RawDecoder(DataConfig(shards="x", resolution=32, random_crop=False))(sample, random.Random(0))
+    assert ex.original_size == (meta["height"], meta["width"]) == (64, 40)
+
+
 def test_a_shard_is_named_for_training_only_once_it_is_whole(tmp_path):
     """Shards were written under their final names, so a killed `make data` left a truncated NNNNNN.tar that
     training read (and skipped from the damage on). The one being written is NNNNNN.tar.partial; the next run
