@@ -219,12 +219,16 @@ def run_eval(cfg: EvalConfig, scorers: Sequence[ImageTextScorer] = (), notes: Se
         clear_images(out / "teacher")
         (out / "grid_teacher_student.png").unlink(missing_ok=True)
     student_scheduler = dict(student.pipe.scheduler.config)
+    # The teacher decodes with the student's VAE (a run's teacher.vae_path, e.g. the fp16-fix VAE, or an export's
+    # own): with its folder's VAE, PSNR and SSIM would count the two VAEs' difference as the U-Nets'.
+    shared_vae = student.pipe.vae if teacher_src is not None else None
     _free(student)
 
     gen_t = None
     if teacher_src is not None:
         teacher = load_source(teacher_src[0], family=student.family, device=device, dtype=dtype,
-                              unet_file=teacher_src[1])
+                              unet_file=teacher_src[1], vae=shared_vae)
+        del shared_vae
         # The teacher runs with the student's sampler (schedule, spacing, and the prediction type both were trained
         # on), so differences come from the U-Nets alone; teacher_steps / teacher_guidance_scale change only the
         # step count and CFG weight (a few-step teacher at its native setting).

@@ -238,11 +238,13 @@ def load_source(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     unet_file: str | None = None,
+    vae: Any = None,
 ) -> LoadedSource:
     """Load a pipeline folder or a checkpoint folder as a ready `StableDiffusionXLPipeline`.
 
     family: teacher family for the defaults (inferred when None). use_ema: prefer student_ema/ in a checkpoint.
     unet_file: a safetensors U-Net state dict replacing the pipeline's U-Net (SDXL-Lightning teachers).
+    vae: an AutoencoderKL to decode with instead of the source's own (eval gives the teacher the student's).
     For a pipeline folder the folder's own scheduler is kept (an exported student's carries its spacing); for a
     checkpoint the teacher's scheduler gets the family's spacing. A float16 VAE with force_upcast is decoded
     in float32 by the pipeline.
@@ -252,14 +254,14 @@ def load_source(
     from distill.files import error_summary
 
     try:
-        return _load_source(Path(source), family, use_ema, device, dtype, unet_file)
+        return _load_source(Path(source), family, use_ema, device, dtype, unet_file, vae)
     except (OSError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         # damage that the file checks below do not show (they read names, sizes and headers)
         raise SourceError(f"{source} cannot be loaded: {error_summary(exc)}") from exc
 
 
 def _load_source(path: Path, family: str | None, use_ema: bool, device: str | torch.device, dtype: torch.dtype,
-                 unet_file: str | None) -> LoadedSource:
+                 unet_file: str | None, vae: Any = None) -> LoadedSource:
     from distill.files import weights_problem
     from distill.teachers import pipeline_folder_problem
 
@@ -279,7 +281,9 @@ def _load_source(path: Path, family: str | None, use_ema: bool, device: str | to
         student = UNet2DConditionModel.from_pretrained(path / unet_folder, dtype=dtype)
         parts: dict[str, Any] = {"unet": student}
         vae_path = ((meta.get("config") or {}).get("teacher") or {}).get("vae_path")
-        if vae_path and (Path(vae_path) / "config.json").is_file():  # the VAE the run's previews and export use
+        if vae is not None:
+            parts["vae"] = vae
+        elif vae_path and (Path(vae_path) / "config.json").is_file():  # the VAE the run's previews and export use
             from diffusers import AutoencoderKL
 
             parts["vae"] = AutoencoderKL.from_pretrained(vae_path, dtype=dtype)
@@ -299,7 +303,7 @@ def _load_source(path: Path, family: str | None, use_ema: bool, device: str | to
     elif is_pipeline(path):
         if problem := pipeline_folder_problem(path):
             raise SourceError(f"{path} {problem}")
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype)
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, **({"vae": vae} if vae is not None else {}))
         family = family or infer_family(path)
         defaults = replace(family_settings(family, path), timestep_spacing=None)
         loaded = LoadedSource(pipe, "pipeline", path, family, defaults, "unet")

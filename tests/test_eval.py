@@ -126,6 +126,25 @@ def test_teacher_against_itself_agrees_exactly(tiny_dir, tmp_path):
     assert [p.name for p in (tmp_path / "teacher").iterdir()] == ["my_notes.txt"]
 
 
+def test_the_teacher_decodes_with_the_students_vae(tiny_dir, tmp_path):
+    """A student whose VAE is not its teacher folder's (an export of a run with teacher.vae_path, e.g. the fp16-fix
+    VAE): each decoded with its own, so PSNR and SSIM counted the VAEs' difference as the U-Nets'. Here the U-Nets
+    are the same, so the images must be too."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    student = tmp_path / "student_pipe"
+    shutil.copytree(tiny_dir, student)
+    vae = AutoencoderKL.from_pretrained(student / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(1.5)  # another decoder
+    vae.save_pretrained(student / "vae")
+    cfg = EvalConfig(student=str(student), teacher=str(tiny_dir), max_prompts=1, steps=2, height=32, width=32,
+                     batch_size=1, warmup_batches=0, device="cpu", out_dir=str(tmp_path / "e"))
+    assert run_eval(cfg)["agreement"] == {"latent_mse": 0.0, "psnr_db": PSNR_CAP_DB, "ssim": pytest.approx(1.0)}
+
+
 def test_the_teacher_samples_with_the_students_prediction_type(ckpt, tmp_path):
     """Against an x0 (1-step Lightning) teacher, `teacher=auto` runs the teacher folder's U-Net with the sampler
     the student was trained for, not the folder's epsilon scheduler."""
