@@ -122,6 +122,29 @@ def test_the_bench_never_overwrites_shards_it_did_not_write(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in Path(made).iterdir()} == stamp
 
 
+def test_a_bench_stopped_while_writing_its_shards_rewrites_them_next_time(tmp_path, monkeypatch):
+    """Its marker came last: a Ctrl-C (or a device time limit) while the shards were written left tars without it,
+    and every later run refused the benchmark's own folder as someone else's."""
+    import data.synthetic
+    from train.bench import ensure_shards
+    from train.config import load_config
+
+    real_write = data.synthetic.write_synthetic_latent_shards
+
+    def stopped(folder, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "000000.tar").write_bytes(b"half a shard")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.synthetic, "write_synthetic_latent_shards", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_shards(load_config([]), str(tmp_path / "bench"), 8)
+    monkeypatch.setattr(data.synthetic, "write_synthetic_latent_shards", real_write)
+    made = Path(ensure_shards(load_config([]), str(tmp_path / "bench"), 8))
+    assert json.loads((made / "bench_shape.json").read_text())["num_shards"] == 4
+    assert (made / "000000.tar").read_bytes() != b"half a shard"
+
+
 def test_lowmem_experiment_is_the_24gb_profile():
     from train.bench import BenchConfig, experiment
     from train.config import load_config

@@ -174,11 +174,17 @@ def ensure_shards(cfg: Any, folder: str | None, samples: int) -> str:
 
             raise ConfigError(f"{root} holds shards that the benchmark did not write (no {marker.name}): it writes "
                              "its own synthetic ones there, so give an empty or new folder")
+        from distill.files import write_text_atomic
+
         resolution = cfg.teacher.resolution
+        # claimed before the first byte: a run stopped while writing leaves a folder the next run knows as its own
+        # (and rewrites), not shards it would refuse as someone else's, nor a marker vouching for half-written ones
+        root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(marker, json.dumps({"writing": True}))
         write_synthetic_latent_shards(str(root), num_shards=num_shards, samples_per_shard=per_shard,
                                       latent_shape=(c, h, w), text_tokens=TEXT_TOKENS, text_dim=shape["text_dim"],
                                       pooled_dim=shape["pooled_dim"], image_size=(resolution, resolution))
-        marker.write_text(json.dumps(want))
+        write_text_atomic(marker, json.dumps(want))
     return str(root)
 
 
