@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]
         p.error(f"--world-size {a.world_size}: at least 1 process")
     if a.anchor and not Path(a.anchor).is_file():
         p.error(f"--anchor {a.anchor} is not a file (../shared/bench/anchor_unets.py)")
+    if a.anchor and (a.fit is not None or a.world_size != 1 or a.overrides):  # the anchor's configs are its own
+        p.error("--anchor estimates the anchor's own configurations: it takes no --fit, --world-size or overrides")
     if a.anchor:
         out: Any = anchor_estimates(a.anchor)
         for rec in out:

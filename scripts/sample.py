@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     if problem := out_folder_problem("--out", args.out):
         p.error(problem)
 
+    if args.max_prompts is not None and not args.prompts:
+        p.error("--max-prompts keeps the first N prompts of --prompts: give --prompts smoke|eval|FILE with it")
     prompts = list(args.prompt)
     if args.prompts:
         prompts += read_prompts(args.prompts, args.max_prompts)

@@ -153,6 +153,11 @@ def test_estimate_script_prints_one_json_line_and_one_line_errors(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "= 3 x 8" in err
+    # --anchor estimates the anchor's own configurations: anything else given with it was silently dropped
+    for extra in (["--fit", "80"], ["--world-size", "2"], ["+experiment=koala_1b"]):
+        with pytest.raises(SystemExit) as exc:
+            script.main(["--anchor", __file__, *extra])
+        assert exc.value.code == 2 and "takes no --fit, --world-size or overrides" in capsys.readouterr().err
 
 
 @pytest.mark.slow

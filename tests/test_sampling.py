@@ -222,6 +222,9 @@ def test_an_output_path_that_cannot_be_a_folder_is_one_line_before_sampling(tmp_
     with pytest.raises(SystemExit) as info:  # argparse's error: usage and one line, exit 2
         sample_script.main(["--source", str(tmp_path / "nowhere"), "--prompt", "a", "--out", str(tmp_path / "file")])
     assert info.value.code == 2 and "is a file: give a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # it caps --prompts; with --prompt alone it did nothing
+        sample_script.main(["--source", str(tmp_path), "--prompt", "a", "--prompt", "b", "--max-prompts", "1"])
+    assert info.value.code == 2 and "--max-prompts keeps the first N prompts of --prompts" in capsys.readouterr().err
     assert eval_script.entry([f"student={tmp_path}", f"out_dir={tmp_path / 'file' / 'eval'}"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: out_dir ")
 
