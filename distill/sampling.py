@@ -60,6 +60,16 @@ SAMPLER_DEFAULTS: dict[str, SamplerDefaults] = {
     "tiny": SamplerDefaults("euler", "leading", 4, 3.5, 64),
 }
 
+# A teacher pipeline sampled as itself (a folder without an export's koala_sampler.json): its own few-step
+# settings, not its students' (../shared/KOALA.md: Turbo 1 to 4 steps without CFG at 512 px; Lightning's 1, 2, 4 or
+# 8-step U-Net files, Euler trailing, without CFG). Guidance 0 turns CFG off in diffusers (it needs > 1).
+TEACHER_DEFAULTS: dict[str, SamplerDefaults] = {
+    "sdxl_base": SAMPLER_DEFAULTS["sdxl_base"],
+    "sdxl_turbo": SamplerDefaults("euler", "trailing", 4, 0.0, 512),
+    "sdxl_lightning": SamplerDefaults("euler", "trailing", 4, 0.0, 1024),  # steps: the U-Net file's, when named
+    "tiny": SAMPLER_DEFAULTS["tiny"],
+}
+
 CHECKPOINT_META = "meta.json"
 EXPORT_SAMPLER_FILE = "koala_sampler.json"  # written by train/export.py next to model_index.json
 TINY_MARKER = "tiny_build.json"  # written by distill/tiny.py
@@ -108,7 +118,7 @@ class LoadedSource:
     """A ready pipeline and where its defaults came from."""
 
     pipe: StableDiffusionXLPipeline
-    kind: str  # "pipeline" or "checkpoint"
+    kind: str  # "pipeline" (an export, or the tiny pipeline), "teacher" (any other pipeline folder) or "checkpoint"
     path: Path
     family: str  # a key of SAMPLER_DEFAULTS
     defaults: SampleSettings
@@ -219,6 +229,21 @@ def family_settings(family: str, folder: str | Path | None = None) -> SampleSett
     return settings
 
 
+def teacher_settings(family: str, unet_file: str | Path | None = None) -> tuple[SampleSettings, str | None]:
+    """A teacher's own sampler settings (TEACHER_DEFAULTS) and the prediction type its scheduler needs (None: the
+    folder's). An SDXL-Lightning U-Net file named for its step count (sdxl_lightning_2step_unet.safetensors) sets
+    the steps; the 1-step file predicts x0 ("sample")."""
+    if family not in TEACHER_DEFAULTS:
+        raise SourceError(f"unknown teacher family {family!r}; one of {sorted(TEACHER_DEFAULTS)}")
+    d = TEACHER_DEFAULTS[family]
+    steps, prediction_type = d.steps, None
+    named = re.search(r"(\d+)[-_]?steps?", Path(unet_file).name) if unet_file else None
+    if family == "sdxl_lightning" and named:
+        steps = int(named.group(1))
+        prediction_type = "sample" if steps == 1 else None
+    return SampleSettings(steps, d.guidance_scale, d.resolution, d.resolution, d.timestep_spacing), prediction_type
+
+
 def checkpoint_settings(meta: dict[str, Any]) -> SampleSettings | None:
     """The sampler settings a checkpoint's run recorded (its resolved config's teacher.sampler and resolution, as
     the run's export writes them to koala_sampler.json); None for a checkpoint without them."""
@@ -304,9 +329,17 @@ def _load_source(path: Path, family: str | None, use_ema: bool, device: str | to
         if problem := pipeline_folder_problem(path):
             raise SourceError(f"{path} {problem}")
         pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, **({"vae": vae} if vae is not None else {}))
-        family = family or infer_family(path)
-        defaults = replace(family_settings(family, path), timestep_spacing=None)
-        loaded = LoadedSource(pipe, "pipeline", path, family, defaults, "unet")
+        if (path / EXPORT_SAMPLER_FILE).is_file() or (path / TINY_MARKER).is_file():
+            family = family or infer_family(path)
+            defaults = replace(family_settings(family, path), timestep_spacing=None)  # the folder's scheduler
+            kind = "pipeline"
+        else:  # a teacher: its own sampler (a U-Net file replacing the folder's is SDXL-Lightning's)
+            family = family or ("sdxl_lightning" if unet_file else infer_family(path))
+            defaults, prediction_type = teacher_settings(family, unet_file)
+            if prediction_type:
+                pipe.scheduler = _euler(pipe.scheduler.config, defaults.timestep_spacing, prediction_type)
+            kind = "teacher"
+        loaded = LoadedSource(pipe, kind, path, family, defaults, "unet")
     elif not path.exists():
         raise SourceError(f"{path} does not exist (give an exported pipeline folder or a checkpoint folder)")
     elif (path / "checkpoints").is_dir() or (path / "export").is_dir():
@@ -565,14 +598,16 @@ def sample(
     device: str = "auto",
     dtype: str = "fp32",
     grid_cols: int = 4,
+    unet_file: str | None = None,
 ) -> dict[str, Any]:
     """Load a source, generate one image per prompt with fixed seeds, write images and a grid; return a summary.
 
-    Unset settings take the source's family defaults (SAMPLER_DEFAULTS, or an exported folder's
-    koala_sampler.json). The summary (JSON-ready) holds the resolved settings, paths and images/s.
+    Unset settings take the source's defaults: an exported folder's koala_sampler.json, a checkpoint's run, a
+    teacher folder's own (TEACHER_DEFAULTS), else the family's (SAMPLER_DEFAULTS). unet_file: a U-Net file replacing
+    the folder's (an SDXL-Lightning teacher). The summary (JSON-ready) holds the resolved settings, paths and images/s.
     """
     dev = pick_device(device)
-    loaded = load_source(source, family=family, use_ema=use_ema, device=dev, dtype=DTYPES[dtype])
+    loaded = load_source(source, family=family, use_ema=use_ema, device=dev, dtype=DTYPES[dtype], unet_file=unet_file)
     settings = resolve_settings(loaded.defaults, steps=steps, guidance_scale=guidance_scale, height=height,
                                 width=width, timestep_spacing=timestep_spacing, negative_prompt=negative_prompt)
     gen = generate(loaded.pipe, prompts, settings, seed=seed, batch_size=batch_size)
@@ -581,6 +616,7 @@ def sample(
         "source": str(loaded.path), "kind": loaded.kind, "family": loaded.family, "unet": loaded.unet_folder,
         "step": loaded.step, "seed": seed, "settings": asdict(settings),
         "scheduler_spacing": loaded.pipe.scheduler.config.get("timestep_spacing"),
+        "prediction_type": loaded.pipe.scheduler.config.get("prediction_type"),
         "images": len(gen.images), "images_per_s": gen.images_per_s, "grid": files["grid"], "out": str(out_dir),
         "device": str(dev), "dtype": dtype,
     }

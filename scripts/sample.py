@@ -1,7 +1,8 @@
 """Generate images with fixed seeds from an exported pipeline folder, a training checkpoint or a teacher.
 
-Unset sampler settings take the source's family defaults (distill/sampling.py: SAMPLER_DEFAULTS, or an exported
-folder's koala_sampler.json). Writes <out>/<i>.png, grid.png, prompts.json, sample.json; prints a JSON line.
+Unset sampler settings take the source's defaults (distill/sampling.py: an exported folder's koala_sampler.json, a
+checkpoint's run, a teacher folder's own TEACHER_DEFAULTS, else the family's SAMPLER_DEFAULTS).
+Writes <out>/<i>.png, grid.png, prompts.json, sample.json; prints a JSON line.
 
 Usage: python scripts/sample.py --source DIR (--prompt TEXT ... | --prompts smoke|eval|FILE) [--out DIR] ...
 """
@@ -41,7 +42,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--spacing", choices=TIMESTEP_SPACINGS, default=None,
                    help="timestep spacing (default: the folder's scheduler; a checkpoint's family)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--family", choices=sorted(SAMPLER_DEFAULTS), default=None, help="defaults of this family")
+    p.add_argument("--family", choices=sorted(SAMPLER_DEFAULTS), default=None,
+                   help="defaults of this family (a teacher folder: the teacher's own settings)")
+    p.add_argument("--unet-file", default=None,
+                   help="U-Net safetensors replacing a teacher folder's (SDXL-Lightning: sdxl_lightning_4step_unet)")
     p.add_argument("--no-ema", action="store_true", help="use a checkpoint's student/ even if student_ema/ exists")
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.source, prompts, args.out, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
         height=args.height, width=args.width, timestep_spacing=args.spacing, negative_prompt=args.negative_prompt,
         family=args.family, use_ema=not args.no_ema, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, grid_cols=args.grid_cols,
+        dtype=args.dtype, grid_cols=args.grid_cols, unet_file=args.unet_file,
     )
     print(json.dumps(summary))
     return summary

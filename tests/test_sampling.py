@@ -13,6 +13,7 @@ from conftest import x0_checkpoint
 
 from distill.sampling import (
     SAMPLER_DEFAULTS,
+    SampleSettings,
     SourceError,
     family_settings,
     generate,
@@ -21,6 +22,7 @@ from distill.sampling import (
     read_prompts,
     resolve_settings,
     sample,
+    teacher_settings,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -240,3 +242,37 @@ def test_a_plain_sdxl_folder_is_told_by_its_scheduler_and_latent_size(tmp_path, 
         (tmp_path / sub).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / sub).write_text(json.dumps(config))
     assert infer_family(tmp_path) == family
+
+
+def test_a_teacher_folder_samples_at_its_own_settings():
+    """Turbo and Lightning sample themselves in a few steps without CFG, not at their students' 10 steps and 3.5;
+    a Lightning U-Net file named for its steps sets them, and the 1-step one predicts x0."""
+    assert teacher_settings("sdxl_turbo") == (SampleSettings(4, 0.0, 512, 512, "trailing"), None)
+    assert teacher_settings("sdxl_lightning", "/m/sdxl_lightning_2step_unet.safetensors") == (
+        SampleSettings(2, 0.0, 1024, 1024, "trailing"), None)
+    assert teacher_settings("sdxl_lightning", "sdxl_lightning_1step_unet_x0.safetensors")[1] == "sample"
+    assert teacher_settings("sdxl_lightning", "lightning.safetensors")[0].steps == 4
+    assert teacher_settings("sdxl_base")[0] == SampleSettings(25, 5.0, 1024, 1024, "leading")
+
+
+def test_sampling_a_lightning_teacher_folder_with_its_unet_file(tiny_dir, tmp_path):
+    """`make sample` of an SDXL-Base folder with Lightning's 1-step U-Net file (a stand-in with the tiny U-Net's
+    weights): the file's U-Net, 1 step, no CFG, trailing, x0 prediction."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from distill.sampling import TINY_MARKER
+    from scripts.sample import main
+
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_dir, folder)
+    (folder / TINY_MARKER).unlink()  # a plain diffusers folder, as a downloaded teacher is
+    unet_file = tmp_path / "sdxl_lightning_1step_unet_x0.safetensors"
+    save_file(UNet2DConditionModel.from_pretrained(tiny_dir / "unet").state_dict(), str(unet_file))
+    summary = main(["--source", str(folder), "--unet-file", str(unet_file), "--prompt", "a red bicycle",
+                    "--out", str(tmp_path / "out"), "--height", "32", "--width", "32", "--device", "cpu"])
+    assert (summary["kind"], summary["family"], summary["unet"]) == ("teacher", "sdxl_lightning", str(unet_file))
+    assert summary["settings"]["steps"] == 1 and summary["settings"]["guidance_scale"] == 0.0
+    assert summary["scheduler_spacing"] == "trailing" and summary["prediction_type"] == "sample"
+    assert summary["images"] == 1
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["timestep_spacing"] == "leading"
