@@ -1,4 +1,6 @@
-"""Speed switches that do not change what the step computes (beyond float rounding), and their helpers.
+"""Speed switches that do not change what the step computes (beyond float rounding), and their helpers; the one
+exception is the optional FP8 teacher, an approximation of the teacher (a few percent relative error per layer,
+measured by `make bench-train ARGS="--fp8-error"`).
 
 - Regional torch.compile: the `forward` of every resnet, attention and feed-forward block is compiled separately:
   compile time stays in minutes for SDXL, identical block shapes share compiled code, and forward hooks registered
@@ -12,8 +14,8 @@
 - SDPA backend: `torch.nn.attention.sdpa_kernel` entered around every attention call (and so also around its
   recomputation under checkpointing), not around the whole step, because the step is not ours to wrap.
 - channels_last for both U-Nets.
-- FP8 teacher (optional): the frozen teacher's transformer linear layers run as e4m3 matmuls with per-row scales
-  (`torch._scaled_mm`); refused unless CUDA capability >= 8.9.
+- FP8 teacher (optional, approximate): the frozen teacher's transformer linear layers run as e4m3 matmuls with
+  per-row scales (`torch._scaled_mm`); refused unless CUDA capability >= 8.9.
 - `DeviceSkip`: a non-finite gradient skips the update on the device (fused AdamW's `found_inf`, the mechanism
   GradScaler uses), so the step never waits for the host; counters are read at log/checkpoint steps.
 - `move_batch`: host-to-device copies of a (pinned) batch without blocking the host.
@@ -230,13 +232,16 @@ class FP8Linear(torch.nn.Module):
 
 
 def quantize_teacher_fp8(unet: torch.nn.Module, *, check_device: bool = True,
-                         out_dtype: torch.dtype = torch.bfloat16) -> int:
+                         out_dtype: torch.dtype | None = None) -> int:
     """Replace every nn.Linear inside the teacher's transformer blocks (attention projections, feed-forward) by
     an FP8Linear; return the count. Convolutions, embeddings and norms keep their dtype.
 
-    check_device=False skips the capability gate (tests of the arithmetic on the CPU's _scaled_mm).
+    out_dtype: the layers' output dtype, by default the U-Net's own (a bf16 output in an fp16 teacher promoted its
+    residual stream to fp32, and the next fp16 layer refused it). check_device=False skips the capability gate
+    (tests of the arithmetic on the CPU's _scaled_mm).
     """
-    device = next(unet.parameters()).device
+    first = next(unet.parameters())
+    device, out_dtype = first.device, out_dtype or first.dtype
     if check_device and (why := fp8_refusal(device)) is not None:
         raise ValueError(why)
     rowwise = device.type != "cuda" or torch.cuda.get_device_capability(device) >= FP8_ROWWISE_CAPABILITY

@@ -275,6 +275,13 @@ def test_fp8_teacher_is_refused_without_a_capable_gpu_and_close_on_the_cpu_arith
         out = q_model(x, t, **kwargs).sample.float()
     rel = float((out - ref).norm() / ref.norm())
     assert 0 < rel < 0.05, rel
+    # an fp16 teacher keeps fp16 through its FP8 layers (bf16 outputs promoted its residual stream to fp32, and its
+    # next fp16 layer refused that)
+    half = copy.deepcopy(teacher).to(torch.float16)
+    quantize_teacher_fp8(half, check_device=False)
+    layer = next(m for m in half.modules() if isinstance(m, FP8Linear))
+    with torch.no_grad():
+        assert layer(torch.randn(3, layer.weight_fp8.shape[1], generator=g).half()).dtype == torch.float16
 
 
 class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
