@@ -370,7 +370,7 @@ def reset_accelerate() -> None:
 def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_progress: bool = True) -> Run:
     """Build the accelerator, teacher, student, optimizer, data stream and callbacks; resume if asked."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     from data.stream import build_loader
     from distill.features import format_pairs, match_features
@@ -394,10 +394,14 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     on_cpu, processes = _process_group(tr.collective_timeout_min)
     accum = grad_accum_steps(cfg, processes)
     _pin_launcher_env(accum, tr.max_grad_norm)
+
     accelerator = Accelerator(
         cpu=on_cpu,
         mixed_precision=tr.mixed_precision,
         gradient_accumulation_steps=accum,
+        # DDP's gradients are views into its all-reduce buckets: without this it keeps a second copy of every
+        # gradient (about 2.9 GiB for KOALA-700M in fp32), which the memory planner does not count
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
         log_with="wandb" if use_wandb else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), automatic_checkpoint_naming=False),
     )

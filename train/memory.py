@@ -19,6 +19,8 @@ What it does not see, and how the estimate relates to measurements:
 - bitsandbytes' 8-bit AdamW cannot run on fake tensors; its state (two uint8 moments and one fp32 scale per
   256-value block for tensors of at least 4096 values, fp32 moments otherwise) is allocated without its kernel.
 - Under DeepSpeed ZeRO-2 gradients and optimizer state are split across ranks; the estimate is per GPU without it.
+- Under DDP (several processes without DeepSpeed) the gradients are views into DDP's all-reduce buckets (the
+  trainer sets gradient_as_bucket_view), so the same estimate holds per GPU: DDP keeps no second copy of them.
 """
 
 from __future__ import annotations
