@@ -106,14 +106,17 @@ def derive_student_config(teacher_config: dict[str, Any], spec: StudentSpec) -> 
     t_res = _per_stage(cfg["layers_per_block"], n, "teacher layers_per_block")
     t_tf = _per_stage(cfg.get("transformer_layers_per_block", 1), n, "teacher transformer_layers_per_block")
     s_res = _per_stage(spec.layers_per_block, n, "student.layers_per_block")
-    s_tf = t_tf if spec.transformer_layers_per_block is None else _per_stage(
+    s_tf = list(t_tf if spec.transformer_layers_per_block is None else _per_stage(
         spec.transformer_layers_per_block, n, "student.transformer_layers_per_block"
-    )
+    ))
     for i in range(n):
         if not 1 <= s_res[i] <= t_res[i]:
             raise StudentSpecError(
                 f"student stage {i} has {s_res[i]} resnets; it needs 1..{t_res[i]} (the teacher's count)"
             )
+        if "CrossAttn" not in cfg["down_block_types"][i]:  # no transformers here (SDXL's first stage): "-" or 0
+            s_tf[i] = t_tf[i]
+            continue
         if not 1 <= s_tf[i] <= t_tf[i]:
             raise StudentSpecError(
                 f"student stage {i} has transformer depth {s_tf[i]}; it needs 1..{t_tf[i]} (the teacher's depth)"

@@ -88,6 +88,8 @@ def test_custom_spec_and_errors():
     init_student_from_teacher(student, build_unet(t_cfg, "meta"), copy_values=False)
     with pytest.raises(StudentSpecError, match="transformer depth 11"):
         derive_student_config(t_cfg, StudentSpec("x", 1, (1, 2, 11)))
+    # SDXL's first stage has no transformers: its entry is ignored, 0 (the README's "-") included
+    assert derive_student_config(t_cfg, StudentSpec("x", [1, 2, 1], (0, 1, 3))) == cfg
     with pytest.raises(StudentSpecError, match="3 resnets"):
         derive_student_config(t_cfg, StudentSpec("x", 3, None))
     with pytest.raises(StudentSpecError, match="custom needs"):
