@@ -51,9 +51,20 @@ def zeros_for_empty_prompt(path: str | Path | None) -> bool:
     return bool(value)
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    return [*folder.glob("*.safetensors"), *folder.glob("*.bin")]
+
+
 def has_weights(folder: Path) -> bool:
-    """Whether a model folder holds weight files (.safetensors or .bin)."""
-    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    """Whether a model folder holds weight files (.safetensors or .bin) that `from_pretrained` loads: not only
+    variant files (model.fp16.safetensors, read only when a variant is asked for)."""
+    return any(f.name.count(".") == 1 for f in _weight_files(folder))
+
+
+def variant_only(folder: Path) -> str | None:
+    """The name of a variant weight file (x.fp16.safetensors) in a folder that holds no plain one, else None."""
+    files = _weight_files(folder)
+    return None if not files or has_weights(folder) else sorted(f.name for f in files)[0]
 
 
 def _json_object(path: Path) -> bool:
@@ -88,6 +99,9 @@ def pipeline_folder_problem(folder: str | Path, *, unet: bool = True, unet_weigh
                 missing.append(f"{sub}/")
         elif not (d / "config.json").is_file():
             missing.append(f"{sub}/config.json")
+        elif weights and (variant := variant_only(d)):  # e.g. a download of the *.fp16.safetensors files alone
+            missing.append(f"{sub}/ weights other than variant files such as {variant} (from_pretrained reads "
+                           "the plain ones: download diffusion_pytorch_model.safetensors / model.safetensors too)")
         elif weights and not has_weights(d):
             missing.append(f"{sub}/ weights")
         elif weights and not damaged and (damage := weights_problem(d)):

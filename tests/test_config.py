@@ -132,6 +132,16 @@ def test_teacher_folder_is_checked_for_the_parts_the_run_loads(skip, overrides, 
     assert (needle or "data.shards is not set") in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_teacher_folder_with_only_fp16_variant_weights_is_one_line(tmp_path):
+    """A download of the *.fp16.safetensors files alone passed the check (any .safetensors counted), and loading
+    then failed on a diffusers message naming a .bin file."""
+    folder = _sdxl_layout(tmp_path / "sdxl")
+    (folder / "text_encoder" / "model.safetensors").rename(folder / "text_encoder" / "model.fp16.safetensors")
+    with pytest.raises(ConfigError, match=r"lacks text_encoder/ weights other than variant files such as "
+                                          r"model\.fp16\.safetensors"):
+        validate(load_config(["+experiment=koala_1b", f"teacher.path={folder}"]))
+
+
 @pytest.mark.parametrize("damage, needle", [
     ("unet/diffusion_pytorch_model.safetensors", "has a damaged weight file: unet/diffusion_pytorch_model.safetensors "
      "is cut short: 64 bytes, its header names 72 (an interrupted copy or download?)"),
