@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, except that an error found after the flags were parsed (a missing path, a folder of the
+    wrong kind, a value out of range) is one `error: <message>` line and exit code 2, without the usage block, which
+    says nothing about it. A flag argparse itself refuses (unknown, malformed) still prints the usage first."""
+
+    _parsing = False
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self._parsing = True
+        try:
+            return super().parse_args(args, namespace)
+        finally:
+            self._parsing = False
+
+    def error(self, message: str) -> NoReturn:
+        if self._parsing:
+            super().error(message)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None, *,

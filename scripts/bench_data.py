@@ -6,17 +6,16 @@ Without --shards, LAION-POP-sized JPEG shards are made from the demo photos in a
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 
 from data.bench import run_bench, write_bench_shards
-from scripts import cli
+from scripts import ArgumentParser, cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", help="shards to read (default: made from the demo photos)")
     parser.add_argument("--resolution", type=int, default=1024, help="crop side in px")
     parser.add_argument("--batch-size", type=int, default=4, help="samples per batch")

@@ -21,7 +21,7 @@ import torch
 from distill.files import out_folder_problem
 from distill.inference_bench import MODELS, BenchConfig, SpeedOptions, markdown_table, run_bench
 from distill.sampling import SettingsError, pick_device
-from scripts import cli, write_results
+from scripts import ArgumentParser, cli, write_results
 from train.config import vae_folder_problem
 
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
@@ -33,7 +33,7 @@ FAST = dict(dtype="fp16", channels_last=True, fuse_qkv=True, compile="full", com
 
 def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
     """The benchmark config and the output folder from command-line arguments."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--resolution", type=int, default=None, help="px (default 1024; 64 with --tiny)")

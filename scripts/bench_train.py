@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from scripts import write_results
+from scripts import ArgumentParser, write_results
 from train.bench import PEAK_TFLOPS, PROFILES, BenchConfig, markdown, run_bench
 
 
 def parse(argv: list[str] | None = None) -> tuple[BenchConfig, Path, str | None]:
     """The benchmark config, the output folder and the result files' name from command-line arguments."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--student", choices=["koala_1b", "koala_700m"], default="koala_1b")
     p.add_argument("--profile", choices=sorted(PROFILES), default="fast",

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from scripts import ArgumentParser
+
 ANCHOR_RUNS = [("koala_1b", 8, False), ("koala_1b", 32, True), ("koala_700m", 8, False), ("koala_700m", 32, True)]
 
 
@@ -81,7 +83,7 @@ def tree_tensors(tree: Any) -> list[torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--anchor", default=None, help="estimate ../shared/bench/anchor_unets.py's measured configs")
     p.add_argument("--world-size", type=int, default=1, help="processes (sets the accumulation)")

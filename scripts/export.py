@@ -11,7 +11,6 @@ Usage: python scripts/export.py --checkpoint runs/koala_1b/checkpoints/step_0001
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,12 +18,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distill.teachers import TeacherError  # noqa: E402
+from scripts import ArgumentParser  # noqa: E402
 from train.checkpoint import export_failed, write_error_reason  # noqa: E402
 from train.export import ExportError, export_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder: <run>/checkpoints/step_N")
     p.add_argument("--out", required=True, help="the pipeline folder to write (replaced atomically if it exists)")
     p.add_argument("--weights", choices=["auto", "ema", "live"], default="auto",

@@ -6,15 +6,14 @@ Idempotent (the shards are byte-for-byte reproducible). Ends with one JSON line 
 
 from __future__ import annotations
 
-import argparse
-
 from data.demo import build_demo_shards
 from data.prep import report_lines
 from distill.files import out_folder_problem
+from scripts import ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/demo_data", help="folder for the demo shards")
     args = parser.parse_args(argv)
     if problem := out_folder_problem("--out", args.out):

@@ -8,7 +8,6 @@ resolution, ...).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,11 +16,11 @@ from data.config import DataConfig
 from data.latents import make_latents, native_resolution
 from distill.files import out_folder_problem
 from distill.teachers import pipeline_folder_problem
-from scripts import cli
+from scripts import ArgumentParser, cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", required=True, help="SDXL pipeline folder (VAE, tokenizers, text encoders)")
     parser.add_argument("--shards", required=True, help="raw shards: brace pattern, folder, glob or pipe:")
     parser.add_argument("--out", required=True, help="folder for the latent shards")

@@ -5,14 +5,13 @@ Usage: python scripts/make_tiny_pipeline.py [--out DIR] [--seed N] [--overwrite]
 
 from __future__ import annotations
 
-import argparse
-
 from distill.files import out_folder_problem
 from distill.tiny import build_tiny_pipeline, default_tiny_pipeline_dir
+from scripts import ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(default_tiny_pipeline_dir()), help="pipeline folder to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if the folder is complete")

@@ -9,18 +9,17 @@ A killed run resumes when the same command runs again (its whole shards are kept
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 from data.prep import PrepOptions, detect_format, prep_shards, report_lines
 from distill.files import out_folder_problem
-from scripts import cli
+from scripts import ArgumentParser, cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", required=True, help="image folder, .parquet/.jsonl manifest or img2dataset folder")
     parser.add_argument("--out", required=True, help="folder for the shards (000000.tar, ...)")
     parser.add_argument("--format", choices=["folder", "manifest", "img2dataset"], help="default: detected")

@@ -9,7 +9,6 @@ Usage: python scripts/sample.py --source DIR (--prompt TEXT ... | --prompts smok
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -24,11 +23,11 @@ from distill.sampling import (
     read_prompts,
     sample,
 )
-from scripts import cli
+from scripts import ArgumentParser, cli
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", required=True, help="pipeline folder or checkpoint folder (meta.json + student/)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="prompt set (smoke, eval) or a text file, one per line")

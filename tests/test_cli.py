@@ -75,10 +75,21 @@ def test_user_errors_are_one_line_and_exit_2(script, argv, needle, tmp_path, tin
     ("make_latents", ["--pipeline", "{tiny}", "--shards", "x", "--out", "{tmp}/o", "--device", "banana"],
      "--device: device='banana' is not a device name"),
 ])
-def test_bad_arguments_stop_before_any_model_with_argparse_usage(script, argv, needle, tmp_path, tiny_pipeline_dir,
-                                                                 capsys):
+def test_bad_arguments_stop_before_any_model_in_one_line(script, argv, needle, tmp_path, tiny_pipeline_dir, capsys):
+    """After the flags parse, a bad path or value is one `error:` line (argparse's usage block, printed before it,
+    said nothing about it)."""
     module = importlib.import_module(f"scripts.{script}")
     with pytest.raises(SystemExit) as exc:
         getattr(module, "entry", module.main)([a.format(tmp=tmp_path, tiny=tiny_pipeline_dir) for a in argv])
     assert exc.value.code == 2
-    assert needle.format(tmp=tmp_path) in capsys.readouterr().err.splitlines()[-1]
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and needle.format(tmp=tmp_path) in line
+
+
+def test_a_flag_argparse_refuses_still_shows_the_usage(capsys):
+    from scripts import sample
+
+    with pytest.raises(SystemExit) as exc:
+        sample.main(["--source", "x", "--promt", "a typo"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("usage: ") and "unrecognized arguments: --promt" in err

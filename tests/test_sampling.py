@@ -221,7 +221,7 @@ def test_an_output_path_that_cannot_be_a_folder_is_one_line_before_sampling(tmp_
     assert out_folder_problem("--out", str(tmp_path)) is None
     assert out_folder_problem("--out", str(tmp_path / "file")) == f"--out {tmp_path / 'file'} is a file: give a folder"
     assert "is a file, so no folder can be made there" in out_folder_problem("--out", str(tmp_path / "file" / "x"))
-    with pytest.raises(SystemExit) as info:  # argparse's error: usage and one line, exit 2
+    with pytest.raises(SystemExit) as info:  # one error line, exit 2
         sample_script.main(["--source", str(tmp_path / "nowhere"), "--prompt", "a", "--out", str(tmp_path / "file")])
     assert info.value.code == 2 and "is a file: give a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:  # it caps --prompts; with --prompt alone it did nothing
