@@ -260,6 +260,9 @@ def test_batch_divisibility_depends_on_processes(demo_shards):
     (["train.max_stepz=3"], "train.max_stepz"),
     # a semantic error found after the model code is imported: no library warning before the line either
     (["+experiment=demo", "train.micro_batch_size=3"], "train.global_batch_size=4"),
+    # an unquoted brace pattern, expanded by the shell: Hydra kept the last shard alone, and the run trained on it
+    (["data.shards=/d/000000.tar", "data.shards=/d/000001.tar", "data.shards=/d/000002.tar"],
+     "data.shards is given 4 times (/d/000000.tar, /d/000001.tar, ...): a brace pattern the shell expanded? Quote"),
 ])
 def test_main_prints_one_error_line_and_exits_2(args, needle, demo_shards):
     root = Path(__file__).resolve().parent.parent

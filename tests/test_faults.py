@@ -31,10 +31,13 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _args(out: Path, shards: Path, tiny: Path, *extra: str) -> list[str]:
-    return ["+experiment=demo", f"train.output_dir={out}", f"data.shards={shards}", f"teacher.path={tiny}",
-            "data.num_workers=0", "tracking=none", "train.export=false", "train.audit=true",
-            "train.sample_every=0", "train.sample_at_end=false", "train.ema=true", "train.lr_schedule=cosine",
-            "train.warmup_steps=2", *extra]
+    """The trainer's overrides: these defaults, each replaced by an `extra` of the same key (main refuses a key
+    given twice)."""
+    args = {o.partition("=")[0]: o for o in (
+        "+experiment=demo", f"train.output_dir={out}", f"data.shards={shards}", f"teacher.path={tiny}",
+        "data.num_workers=0", "tracking=none", "train.export=false", "train.audit=true", "train.sample_every=0",
+        "train.sample_at_end=false", "train.ema=true", "train.lr_schedule=cosine", "train.warmup_steps=2", *extra)}
+    return list(args.values())
 
 
 def _start(args: list[str], nproc: int = 1, launch: tuple[str, ...] = ("--multi_gpu",), script: str = MAIN,

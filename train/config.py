@@ -139,6 +139,23 @@ def _quoted(value: str) -> bool:
     return len(value) > 1 and value[0] == value[-1] and value[0] in "'\""
 
 
+def repeated_keys(overrides: list[str]) -> str | None:
+    """One line when a key is given more than once (None otherwise). Hydra keeps the last silently, and the usual
+    cause is the shell: an unquoted data.shards=/d/{000..099}.tar reaches the program as 100 overrides, and the run
+    would train on the last shard alone."""
+    seen: dict[str, list[str]] = {}
+    for o in overrides:
+        key = o.partition("=")[0].lstrip("+~")
+        seen.setdefault(key, []).append(o.partition("=")[2])
+    key, values = next(((k, v) for k, v in seen.items() if len(v) > 1), (None, []))
+    if key is None:
+        return None
+    shown = ", ".join(values[:2]) + (", ..." if len(values) > 2 else "")
+    hint = (f"a brace pattern the shell expanded? Quote it for Hydra: \"{key}='/data/{{000000..000099}}.tar'\""
+            if len(values) > 2 else "give each key once")
+    return f"{key} is given {len(values)} times ({shown}): {hint}"
+
+
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """Compose conf/<config_name>.yaml with Hydra overrides against the typed schema.
 

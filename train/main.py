@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python train
 
 from omegaconf import DictConfig  # noqa: E402
 
-from train.config import ConfigError, config_help, load_config, validate  # noqa: E402
+from train.config import ConfigError, config_help, load_config, repeated_keys, validate  # noqa: E402
 
 LAUNCHER_ENV = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")  # set by accelerate launch / torchrun
 
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     # not known here; the launched ranks check that against a resumed checkpoint.
     launched = any(k in os.environ for k in LAUNCHER_ENV)
     try:
+        if repeated := repeated_keys(overrides):
+            raise ConfigError(repeated)
         cfg = load_config(overrides)
         validate(cfg, world_size=world_size, launch_known=launched or not check_only)
     except ConfigError as exc:
