@@ -172,8 +172,26 @@ def test_too_many_nonfinite_in_a_row_stop_with_the_device_skip(inject_nan, tmp_p
     with pytest.raises(NonFiniteError, match="3 consecutive"):
         train(run)
     assert run.device_skip  # the on-device path was the one tested
-    # counters are read at the checkpoint steps: the streak reaches 3 at step 6, before its checkpoint
-    assert latest_checkpoint(tmp_path / "run").name == "step_000000004"
+    # counters are read at the checkpoint steps, and at each step while step 4's (in the streak) is put off: the
+    # streak reaches 3 at step 6, which stops the run
+    assert latest_checkpoint(tmp_path / "run").name == "step_000000002"
+
+
+def test_a_put_off_checkpoint_is_written_at_the_next_finite_step_with_the_device_skip(inject_nan, tmp_path,
+                                                                                    demo_shards, tiny_pipeline_dir):
+    """The skip counters live on the device and are read only when due: a put-off checkpoint makes them due at every
+    step, so it is written at the first finite one (step 5), not at the next multiple of checkpoint_every."""
+    from train.checkpoint import list_checkpoints
+    from train.loop import setup, train
+
+    cfg = _demo_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=6",
+                    "train.checkpoint_every=2", "train.keep_last=0", "train.log_every=50")  # no log step reads them
+    run = setup(cfg, show_progress=False)
+    inject_nan({3})(run)  # the 4th step's loss
+    train(run)
+    assert run.device_skip
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step_000000002", "step_000000005",
+                                                                     "step_000000006"]
 
 
 def test_host_check_stays_with_ema(tmp_path, demo_shards, tiny_pipeline_dir):

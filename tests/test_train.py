@@ -444,13 +444,28 @@ def test_too_many_nonfinite_in_a_row_stop_cleanly(inject_nan, tmp_path, demo_sha
     with pytest.raises(NonFiniteError, match="3 consecutive"):
         run_cfg(cfg, patch=inject_nan({3, 4, 5, 6, 7, 8, 9}))
     ckpt = latest_checkpoint(tmp_path / "run")
-    # NaN from step index 3: the streak reaches 3 at step 6, which stops before its checkpoint; the one of
-    # step 4 (one skipped update, finite weights) is the latest and loads
-    assert ckpt.name == "step_000000004"
+    # NaN from step index 3: step 4's checkpoint is put off (its loss was not finite: the weights may be the cause),
+    # and the streak reaches 3 at step 6, which stops the run; step 2's, before the streak, is the latest and loads
+    assert ckpt.name == "step_000000002"
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(ckpt / "student")
     assert all(torch.isfinite(p).all() for p in unet.parameters())
+
+
+def test_a_checkpoint_due_in_a_nonfinite_streak_waits_for_a_finite_step(inject_nan, tmp_path, demo_shards,
+                                                                          tiny_pipeline_dir, capsys):
+    """Weights that make every loss NaN (a diverged update) were checkpointed while the streak lasted, and with
+    keep_last they replaced the good checkpoints before max_nonfinite ended the run. A due checkpoint now waits for
+    the next finite step."""
+    from train.checkpoint import list_checkpoints
+
+    cfg = tiny_cfg(tmp_path / "run", demo_shards, tiny_pipeline_dir, "train.max_steps=7", "train.checkpoint_every=2",
+                   "train.ema=false", "train.keep_last=0")
+    run_cfg(cfg, patch=inject_nan({3, 4}))  # the losses of the 4th and 5th steps are NaN
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == [
+        "step_000000002", "step_000000006", "step_000000007"]  # 4 put off; 5 still in the streak; 6 finite
+    assert "checkpoint of step 4 put off: its loss was not finite (1 step(s) in a row)" in capsys.readouterr().out
 
 
 def test_nonfinite_weights_are_never_checkpointed(tmp_path, demo_shards, tiny_pipeline_dir):

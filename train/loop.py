@@ -152,6 +152,7 @@ class Run:
     last_keys: list[str] = field(default_factory=list)  # sample keys of the last step (this rank)
     last_grad_norm: torch.Tensor | float | None = None  # a device scalar (read by the logger at log steps)
     last_lr: float | None = None  # the LR of the last step's update (the scheduler has moved on to the next one)
+    checkpoint_pending: bool = False  # a periodic checkpoint put off until a step's loss is finite again
     device_skip: Any = None  # distill.perf.DeviceSkip, or False where the host checks every update (set lazily)
     stop: StopFlag = field(default_factory=StopFlag)
     _components: dict[str, Any] | None = None
@@ -763,9 +764,10 @@ def _device_skip(run: Run) -> Any:
 
 
 def _counters_due(run: Run) -> bool:
-    """Whether the on-device skip counters are read after this step: log, checkpoint and last steps, or a stop."""
+    """Whether the on-device skip counters are read after this step: log, checkpoint and last steps, a stop, or a
+    put-off checkpoint waiting for a finite step."""
     tr, step = run.cfg.train, run.state.step
-    return (step % max(1, tr.log_every) == 0 or step == tr.max_steps or run.stop.requested()
+    return (step % max(1, tr.log_every) == 0 or step == tr.max_steps or run.stop.requested() or run.checkpoint_pending
             or bool(tr.checkpoint_every and step % tr.checkpoint_every == 0))
 
 
@@ -843,8 +845,17 @@ def train(run: Run) -> dict[str, Any]:
                 cb.on_step_end(run, sums)
             every = cfg.train.checkpoint_every
             stop = _should_stop(run)
-            if (every and st.step % every == 0) or stop or st.step == cfg.train.max_steps:
+            due = bool(every and st.step % every == 0) or run.checkpoint_pending
+            if due and st.nonfinite_run and not stop and st.step != cfg.train.max_steps:
+                # inside a streak of skipped updates the weights may be what makes the losses non-finite: with
+                # keep_last such checkpoints would replace the good ones before max_nonfinite ends the run
+                if not run.checkpoint_pending:
+                    _progress_note(run, f"checkpoint of step {st.step} put off: its loss was not finite "
+                                        f"({st.nonfinite_run} step(s) in a row); written at the next finite step")
+                run.checkpoint_pending = True
+            elif due or stop or st.step == cfg.train.max_steps:
                 written = save_checkpoint(run)
+                run.checkpoint_pending = False
                 if not stop:  # a stop says so in its own line
                     _progress_note(run, f"checkpoint written: {written}")
             if stop:
