@@ -86,7 +86,7 @@ if [[ "$SUITE" == infer ]]; then
   run_stage infer_plain 120 $PY scripts/bench_infer.py --dtype fp16 --out "$TMP_OUT/infer_plain"
   keep infer_plain
   # the target row only (KOALA-700M, 10 steps): max-autotune compiles of several models would not fit the budget
-  run_stage infer_fast 200 $PY scripts/bench_infer.py --fast --models koala_700m --out "$TMP_OUT/infer_fast"
+  run_stage infer_fast 200 $PY scripts/bench_infer.py --fast --models koala_700m --steps 10 --out "$TMP_OUT/infer_fast"
   keep infer_fast
   run_stage infer_regional 120 $PY scripts/bench_infer.py --dtype fp16 --channels-last --fuse-qkv --compile regional \
     --models koala_700m --steps 10 --out "$TMP_OUT/infer_regional"

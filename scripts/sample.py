@@ -2,7 +2,7 @@
 
 Unset sampler settings take the source's defaults (distill/sampling.py: an exported folder's koala_sampler.json, a
 checkpoint's run, a teacher folder's own TEACHER_DEFAULTS, else the family's SAMPLER_DEFAULTS).
-Writes <out>/<i>.png, grid.png, prompts.json, sample.json; prints a JSON line.
+Writes <out>/0000.png..., grid.png, prompts.json, sample.json; prints a JSON line.
 
 Usage: python scripts/sample.py --source DIR (--prompt TEXT ... | --prompts smoke|eval|FILE) [--out DIR] ...
 """
