@@ -466,6 +466,11 @@ def test_a_checkpoint_due_in_a_nonfinite_streak_waits_for_a_finite_step(inject_n
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == [
         "step_000000002", "step_000000006", "step_000000007"]  # 4 put off; 5 still in the streak; 6 finite
     assert "checkpoint of step 4 put off: its loss was not finite (1 step(s) in a row)" in capsys.readouterr().out
+    # a run that ends inside a streak says so: its final checkpoint holds the weights from before it
+    run_cfg(tiny_cfg(tmp_path / "run2", demo_shards, tiny_pipeline_dir, "train.max_steps=5", "train.checkpoint_every=0",
+                     "train.ema=false"), patch=inject_nan({3, 4}))
+    assert ("warning: the last 2 step(s) had non-finite losses and skipped their updates: the final checkpoint holds "
+            "the weights of the last applied update") in capsys.readouterr().out
 
 
 def test_nonfinite_weights_are_never_checkpointed(tmp_path, demo_shards, tiny_pipeline_dir):

@@ -876,6 +876,10 @@ def train(run: Run) -> dict[str, Any]:
                                "seconds": round(time.perf_counter() - t0, 1),
                                "data_skipped": run.skip_counts_all_ranks()}  # every rank
     if not preempted:
+        if st.nonfinite_run:  # read at the last step (counters are due there)
+            acc.print(f"warning: the last {st.nonfinite_run} step(s) had non-finite losses and skipped their updates: "
+                      "the final checkpoint" + (" and the export hold" if cfg.train.export else " holds") +
+                      " the weights of the last applied update, which may be what makes the losses non-finite")
         for cb in run.callbacks:
             cb.on_end(run)
         master = run.gather_fp32_master() if cfg.train.export and run.ema is None else None  # every rank
