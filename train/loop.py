@@ -395,7 +395,6 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     on_cpu, processes = _process_group(tr.collective_timeout_min)
     accum = grad_accum_steps(cfg, processes)
     _pin_launcher_env(accum, tr.max_grad_norm)
-
     accelerator = Accelerator(
         cpu=on_cpu,
         mixed_precision=tr.mixed_precision,
