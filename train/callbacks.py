@@ -75,6 +75,7 @@ class ScalarLogger(Callback):
         self._sums: dict[str, Tensor] = {}
         self._count = 0
         self._t0 = 0.0
+        self._paused0 = 0.0
         self._samples0 = 0
         self.last: dict[str, float] = {}
 
@@ -84,20 +85,31 @@ class ScalarLogger(Callback):
 
             self.bar = tqdm(total=run.cfg.train.max_steps, initial=run.state.step, desc="distill",
                             unit="step", dynamic_ncols=True)
-        self._t0, self._samples0 = time.perf_counter(), run.state.samples_seen
+        self._start_window(run)
+
+    def _start_window(self, run: Run) -> None:
+        self._sums, self._count = {}, 0
+        self._t0, self._paused0, self._samples0 = time.perf_counter(), run.paused_s, run.state.samples_seen
 
     def on_step_end(self, run: Run, losses: dict[str, Tensor]) -> None:
         for k, v in losses.items():
             self._sums[k] = self._sums.get(k, 0) + v
         self._count += 1
-        if self.bar is not None:
-            self.bar.update(1)
         if run.state.step % self.log_every and run.state.step != run.cfg.train.max_steps:
+            if self.bar is not None:
+                self.bar.update(1)
             return
+        self._log_window(run)
+        if self.bar is not None:
+            self.bar.update(1)  # after the postfix is set: the redraw shows this window's values
+
+    def _log_window(self, run: Run) -> None:
+        """Reduce and log the window's means at run.state.step (every rank takes part), then start a new window."""
         names = sorted(self._sums)
         stacked = torch.stack([self._sums[k] / self._count for k in names])
         means = run.accelerator.reduce(stacked, reduction="mean").tolist()
-        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        # training time only: checkpoint writes and preview grids in the window are left out of img/s
+        elapsed = max(time.perf_counter() - self._t0 - (run.paused_s - self._paused0), 1e-9)
         logs = {f"loss/{k}": v for k, v in zip(names, means, strict=True)}
         logs["lr"] = run.last_lr  # the LR this step's update used
         if run.last_grad_norm is not None:
@@ -114,14 +126,17 @@ class ScalarLogger(Callback):
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{logs['loss/total']:.4f}", kd=f"{logs['loss/kd']:.4f}",
                                  img_s=f"{logs['img_per_s']:.1f}", refresh=False)
-        self._sums, self._count = {}, 0
-        self._t0, self._samples0 = time.perf_counter(), run.state.samples_seen
+        self._start_window(run)
 
     def on_end(self, run: Run) -> None:
         self.on_stop(run)
 
     def on_stop(self, run: Run) -> None:
-        """Close the progress bar, so that the line printed next (an error, the stop notice) starts a line."""
+        """Log the steps since the last log step when the run stops on request (the ranks agreed on it, so all of
+        them are here for the reduction; after an error they may not be), then close the progress bar, so that the
+        line printed next (an error, the stop notice) starts a line."""
+        if run.stopping and self._count:
+            self._log_window(run)
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -152,6 +167,13 @@ class SampleGrid(Callback):
         ends a run."""
         if run.teacher.path is None:  # a random-weight benchmark teacher has no pipeline to sample with
             return
+        started = time.perf_counter()
+        try:
+            self._draw(run)
+        finally:
+            run.paused_s += time.perf_counter() - started  # not training time: left out of the logged img/s
+
+    def _draw(self, run: Run) -> None:
         if run.accelerator.is_main_process:
             from distill.preview import teacher_student_grid
 
@@ -169,8 +191,10 @@ class SampleGrid(Callback):
             if grid is None:  # outside the except block: its traceback (and the frames' tensors) are gone
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                self.last_path = None  # the summary names no older grid as this run's samples
                 print(f"warning: sample grid of step {run.state.step} skipped: out of GPU memory ({self.skipped} "
-                      "skipped); fewer train.sample_prompts or train.sample_every=0 avoid it", file=sys.stderr)
+                      "skipped); train.sample_every=0 train.sample_at_end=false turn the grids off",
+                      file=sys.stderr)
             else:
                 self._save(run, grid, run.output_dir / "samples" / f"step_{run.state.step:09d}.png")
         run.accelerator.wait_for_everyone()
@@ -187,6 +211,7 @@ class SampleGrid(Callback):
                 raise
             path.unlink(missing_ok=True)  # no half-written image
             self.skipped += 1
+            self.last_path = None
             print(f"warning: sample grid of step {run.state.step} not written to {path}: {reason} ({self.skipped} "
                   "skipped); the run goes on", file=sys.stderr)
             return

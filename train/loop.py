@@ -153,6 +153,8 @@ class Run:
     last_grad_norm: torch.Tensor | float | None = None  # a device scalar (read by the logger at log steps)
     last_lr: float | None = None  # the LR of the last step's update (the scheduler has moved on to the next one)
     checkpoint_pending: bool = False  # a periodic checkpoint put off until a step's loss is finite again
+    paused_s: float = 0.0  # seconds spent writing checkpoints and drawing preview grids (not in the logged img/s)
+    stopping: bool = False  # the ranks agreed to stop on request (callbacks may still meet in collectives)
     device_skip: Any = None  # distill.perf.DeviceSkip, or False where the host checks every update (set lazily)
     stop: StopFlag = field(default_factory=StopFlag)
     _components: dict[str, Any] | None = None
@@ -458,6 +460,7 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
 
     data_state = None
     resume_from = ckpt.resolve_resume(tr.resume, output_dir)
+    wandb_name_suffix = ""  # a rollback's continuation is a new W&B run, named for the step it continues from
     if resume_from is not None:
         try:
             accelerator.load_state(str(resume_from))
@@ -489,6 +492,11 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
             if aside is not None:
                 say(f"this run's checkpoints after step {state.step} belong to the abandoned continuation: moved "
                     f"to {aside} (kept; not resumed from or pruned)")
+                if use_wandb and state.wandb_run_id:  # W&B ignores steps below a run's last logged one
+                    rolled_back_from, state.wandb_run_id = state.wandb_run_id, None  # a new run below
+                    wandb_name_suffix = f"-from-step{state.step}"
+                    say(f"note: W&B logs this continuation as a new run (it would drop the redone steps of run "
+                        f"{rolled_back_from}, whose history goes past step {state.step})")
         accelerator.wait_for_everyone()
     loader = build_loader(cfg.data, batch_size=tr.micro_batch_size, rank=accelerator.process_index,
                           world_size=world, seed=tr.seed, state=data_state)
@@ -496,11 +504,12 @@ def setup(cfg: DictConfig, *, callbacks: list[Callback] | None = None, show_prog
     if use_wandb:
         import wandb
 
+        name = (cfg.tracking.run_name or output_dir.name) + wandb_name_suffix
         state.wandb_run_id = state.wandb_run_id or uuid.uuid4().hex[:8]  # kept in checkpoints
         accelerator.init_trackers(
             cfg.tracking.project, config=OmegaConf.to_container(cfg, resolve=True),
             init_kwargs={"wandb": {"id": state.wandb_run_id, "resume": "allow", "dir": str(output_dir),
-                                   "name": cfg.tracking.run_name or output_dir.name,
+                                   "name": name,
                                    "mode": _wandb_mode(cfg.tracking.mode), "tags": list(cfg.tracking.tags)}},
         )
         if main:
@@ -853,12 +862,14 @@ def train(run: Run) -> dict[str, Any]:
                                         f"({st.nonfinite_run} step(s) in a row); written at the next finite step")
                 run.checkpoint_pending = True
             elif due or stop or st.step == cfg.train.max_steps:
+                started = time.perf_counter()
                 written = save_checkpoint(run)
+                run.paused_s += time.perf_counter() - started
                 run.checkpoint_pending = False
                 if not stop:  # a stop says so in its own line
                     _progress_note(run, f"checkpoint written: {written}")
             if stop:
-                preempted = True
+                preempted, run.stopping = True, True
                 if acc.is_main_process and run.stop.file is not None:
                     run.stop.file.unlink(missing_ok=True)  # a requeued job must not stop again at once
                 for cb in run.callbacks:
