@@ -247,6 +247,15 @@ def test_settings_probably_not_meant_are_notes_not_errors():
     (note,) = config_notes(load_config(["train.optimizer=adamw8bit", "train.fused_adam=true"]))
     assert note.startswith("note: train.fused_adam=true has no effect with train.optimizer=adamw8bit")
     assert config_notes(load_config(["train.optimizer=adamw", "train.fused_adam=true"])) == []
+    assert config_notes(load_config(["train.optimizer=adamw8bit"])) == []  # the low-memory profile's own setting
+
+
+def test_a_key_given_twice_is_named():
+    from train.config import repeated_keys
+
+    assert repeated_keys(["train.lr=1", "train.lr=2"]) == "train.lr is given 2 times (1, 2): give each key once"
+    assert repeated_keys(["+train.foo=1", "train.foo=2"]).startswith("train.foo is given 2 times")
+    assert repeated_keys(["train.lr=1", "train.seed=2", "+experiment=demo"]) is None
 
 
 def test_batch_divisibility_depends_on_processes(demo_shards):
@@ -355,7 +364,9 @@ def test_latent_shards_that_do_not_fit_the_teacher_are_one_line(tmp_path, change
 
 
 @pytest.mark.parametrize("setting", ["data.random_flip=true", "data.min_side=512", "data.syncap=true",
-                                     "data.score_filters=['aesthetic_score>=5']", "data.caption_fields=[txt]"])
+                                     "data.score_filters=['aesthetic_score>=5']", "data.caption_fields=[txt]",
+                                     "data.random_crop=false", "data.min_aspect=0.5", "data.max_aspect=1.5",
+                                     "data.max_pixels=1000", "data.alt_text_fields=[x]"])
 def test_raw_stream_settings_that_latent_shards_ignore_are_one_line(tmp_path, setting):
     """Latent shards fixed their samples, crops and captions when they were made: a filter, flip or caption choice
     set for the run was silently ignored, and the run trained on what it was meant to drop."""

@@ -242,6 +242,24 @@ def test_demo_data_is_reproducible_and_loads(tmp_path, capsys):
     assert captions == {image.caption for image in DEMO_IMAGES}
 
 
+@pytest.mark.parametrize("content", ["empty tar", b"not a tar archive" * 64])
+def test_demo_data_never_replaces_an_empty_or_unreadable_shard(tmp_path, content):
+    import tarfile
+
+    from data.demo import build_demo_shards, foreign_shard
+
+    shard = tmp_path / "000000.tar"
+    if content == "empty tar":
+        tarfile.open(shard, "w").close()
+    else:
+        shard.write_bytes(content)
+    before = shard.read_bytes()
+    assert foreign_shard(str(tmp_path)) == str(shard)
+    with pytest.raises(FileExistsError):
+        build_demo_shards(str(tmp_path))
+    assert shard.read_bytes() == before
+
+
 def test_demo_data_never_replaces_shards_it_did_not_write(tmp_path, image_folder, capsys):
     """It rebuilt its folder with --overwrite: a user's own shards there were deleted without a word."""
     mine = tmp_path / "mine"
@@ -415,6 +433,35 @@ def test_a_prep_stopped_as_its_first_shard_is_named_resumes(tmp_path, monkeypatc
     assert {k: v for k, v in resumed.items() if k != "out"} == {k: v for k, v in full.items() if k != "out"}
     for name in ("000000.tar", "000001.tar", "000002.tar"):
         assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+
+
+def test_an_edited_caption_sidecar_is_a_changed_source(tmp_path, monkeypatch):
+    """An existing .txt edited since the stop (same size: only its time tells) would reach only the records after
+    the stop; a sibling OUT whose name starts like SRC's is not inside it."""
+    from data import prep
+
+    src = tmp_path / "src"
+    for i in range(5):
+        _write(src / f"{i}.png", encode_image(_image(i), "png"))
+        _write(src / f"{i}.txt", f"caption {i}")
+    real_write, calls = prep.write_text_atomic, []
+
+    def stopped_after_the_first_shard(path, text):
+        calls.append(1)
+        real_write(path, text)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "write_text_atomic", stopped_after_the_first_shard)
+    out = tmp_path / "src_shards"  # beside src, named like it
+    with pytest.raises(KeyboardInterrupt):
+        prep_shards(str(src), str(out), opts=PrepOptions(samples_per_shard=2))
+    monkeypatch.setattr(prep, "write_text_atomic", real_write)
+    before = os.stat(src / "1.txt").st_mtime_ns
+    _write(src / "1.txt", "caption X")  # as long as "caption 1"
+    os.utime(src / "1.txt", ns=(before + 10**9, before + 10**9))
+    with pytest.raises(FileExistsError, match="source"):
+        prep_shards(str(src), str(out), opts=PrepOptions(samples_per_shard=2))
 
 
 def test_shards_into_a_folder_named_like_a_pattern_are_found(tmp_path):

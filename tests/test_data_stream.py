@@ -163,6 +163,18 @@ def test_a_saved_position_is_refused_by_another_shuffle_or_shard_list(uneven_sha
     _assert_same_batches(_take(resumed, 2), _take(saved, 2))
 
 
+def test_a_state_resumes_from_the_same_shards_in_another_folder(uneven_shards, tmp_path):
+    """The shard list is matched by file names, not paths: a data set moved to another mount resumes exactly."""
+    folder, _ = uneven_shards
+    saved = build_loader(_cfg(folder, num_workers=1), batch_size=3, rank=0, world_size=1, seed=7)
+    _take(saved, 2)
+    state = json.loads(json.dumps(saved.state_dict()))
+    for name in os.listdir(folder):
+        os.link(os.path.join(folder, name), tmp_path / name)
+    moved = build_loader(_cfg(str(tmp_path), num_workers=1), batch_size=3, rank=0, world_size=1, seed=7, state=state)
+    assert [b["keys"] for b in _take(moved, 2)] == [b["keys"] for b in _take(saved, 2)]
+
+
 def test_a_new_layout_starts_at_the_next_epoch_and_reads_it_once(uneven_shards):
     """2 ranks x 2 workers stop inside epoch 0; 1 rank x 1 worker at another batch size continues with epoch 1,
     every sample of it exactly once, and carries rank 0's skip counts."""

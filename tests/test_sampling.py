@@ -252,6 +252,7 @@ def test_a_teacher_folder_samples_at_its_own_settings():
         SampleSettings(2, 0.0, 1024, 1024, "trailing"), None)
     assert teacher_settings("sdxl_lightning", "sdxl_lightning_1step_unet_x0.safetensors")[1] == "sample"
     assert teacher_settings("sdxl_lightning", "lightning.safetensors")[0].steps == 4
+    assert teacher_settings("sdxl_turbo", "/m/custom_2step_unet.safetensors")[0].steps == 4  # Lightning's names only
     assert teacher_settings("sdxl_base")[0] == SampleSettings(25, 5.0, 1024, 1024, "leading")
 
 

@@ -465,12 +465,19 @@ def test_a_checkpoint_due_in_a_nonfinite_streak_waits_for_a_finite_step(inject_n
     run_cfg(cfg, patch=inject_nan({3, 4}))  # the losses of the 4th and 5th steps are NaN
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == [
         "step_000000002", "step_000000006", "step_000000007"]  # 4 put off; 5 still in the streak; 6 finite
-    assert "checkpoint of step 4 put off: its loss was not finite (1 step(s) in a row)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "checkpoint of step 4 put off: its loss was not finite (1 step(s) in a row)" in out
+    assert "warning: the last" not in out  # the run ended on finite steps
+    # once written, the put-off checkpoint is not written again at each finite step after it
+    run_cfg(tiny_cfg(tmp_path / "gap", demo_shards, tiny_pipeline_dir, "train.max_steps=8", "train.checkpoint_every=4",
+                     "train.ema=false", "train.keep_last=0"), patch=inject_nan({3}))
+    assert [c.name for c in list_checkpoints(tmp_path / "gap")] == ["step_000000005", "step_000000008"]
     # a run that ends inside a streak says so: its final checkpoint holds the weights from before it
-    run_cfg(tiny_cfg(tmp_path / "run2", demo_shards, tiny_pipeline_dir, "train.max_steps=5", "train.checkpoint_every=0",
-                     "train.ema=false"), patch=inject_nan({3, 4}))
+    run_cfg(tiny_cfg(tmp_path / "run2", demo_shards, tiny_pipeline_dir, "train.max_steps=4", "train.checkpoint_every=2",
+                     "train.ema=false", "train.keep_last=0"), patch=inject_nan({2, 3}))
     assert ("warning: the last 2 step(s) had non-finite losses and skipped their updates: the final checkpoint holds "
             "the weights of the last applied update") in capsys.readouterr().out
+    assert [c.name for c in list_checkpoints(tmp_path / "run2")] == ["step_000000002", "step_000000004"]  # the last
 
 
 def test_nonfinite_weights_are_never_checkpointed(tmp_path, demo_shards, tiny_pipeline_dir):
