@@ -424,11 +424,14 @@ def write_shards(
     for _ in range(consumed):  # read again, not checked again; skips found while reading are counted
         if next(records, None) is None:
             break
-    progress_path = os.path.join(out, PROGRESS_FILE)
+
+    def save_progress(consumed: int, written: int, shards: int) -> None:
+        write_text_atomic(os.path.join(out, PROGRESS_FILE), json.dumps({
+            "made_with": made_with, "consumed": consumed, "written": written, "shards": shards,
+            "reasons": dict(checked), "examples": examples, "without_default_caption": uncaptioned}, indent=1))
+
     if not progress:  # before the first shard is named: a stop right after that rename must still resume here
-        write_text_atomic(progress_path, json.dumps({
-            "made_with": made_with, "consumed": 0, "written": 0, "shards": 0, "reasons": {}, "examples": {},
-            "without_default_caption": 0}, indent=1))
+        save_progress(0, 0, 0)
     writer = _ShardWriter(out, opts.samples_per_shard, first_shard)
     jobs = ((record, opts) for record in records)
     # Workers ignore Ctrl-C (it reaches the whole process group): one that died of it could take its task, or the
@@ -452,10 +455,7 @@ def write_shards(
                 continue
             uncaptioned += not _has_training_caption(result)
             if writer.write({"__key__": f"{opts.key_prefix}{written:09d}", **result}):
-                write_text_atomic(progress_path, json.dumps({
-                    "made_with": made_with, "consumed": consumed, "written": written + 1,
-                    "shards": writer.next_index, "reasons": dict(checked), "examples": examples,
-                    "without_default_caption": uncaptioned}, indent=1))
+                save_progress(consumed, written + 1, writer.next_index)
                 rate = (consumed - consumed_at_start) / max(time.monotonic() - started, 1e-9)
                 logger.info("%s whole: %d samples kept, %d skipped, %.1f records/s", os.path.basename(writer.path),
                             written + 1, sum(checked.values()) + sum(skips.values()), rate)
